@@ -1,0 +1,126 @@
+"""Typed configuration: the dataclass schemas Hydra validates against, and the frozen run config.
+
+The schemas are registered in Hydra's ConfigStore under ``schema/<group>`` (never in the option groups
+themselves, so ``benchmark=glob(*)`` sweeps cannot pick them up). The library receives a ``RunConfig``
+built once by :func:`to_run_config`; nothing below ``hydra_app.py`` ever sees a ``DictConfig``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    """Which open_clip model to start from."""
+
+    name: str = "world-tiny"  # open_clip model name, or a built-in one ("world-tiny")
+    pretrained: str = "builtin"  # "builtin" | open_clip tag | path to .safetensors/.pt | "local-dir:<dir>"
+    force_quick_gelu: bool = False
+
+
+@dataclass
+class WorldDataConfig:
+    """How many images the built-in world renders per class and split (ignored by real datasets)."""
+
+    domain: str = "plain"  # the rendering domain of a class-incremental world benchmark
+    train_per_class: int = 200
+    val_per_class: int = 0
+    test_per_class: int = 50
+
+
+@dataclass
+class BenchmarkConfig:
+    """A task sequence: which data, which setting, which order."""
+
+    name: str = MISSING
+    setting: str = MISSING  # class_incremental | domain_incremental
+    dataset: str = MISSING  # "world" or a real dataset name
+    num_tasks: int = 5
+    class_order: Optional[list[int]] = None  # None = natural order 0..C-1
+    domains: list[str] = field(default_factory=list)  # domain-incremental: one domain per task, in order
+    templates: str = MISSING  # key of the prompt-template set
+    world: WorldDataConfig = field(default_factory=WorldDataConfig)
+
+
+@dataclass
+class FinetuneConfig:
+    """The per-task fine-tuning recipe (SPEC.md section 3)."""
+
+    regime: str = "sequential"  # sequential | independent
+    lr: float = 1e-5
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    batch_size: int = 128
+    epochs: int = 10  # per task; ignored when `steps` is set
+    steps: Optional[int] = None  # optimizer steps per task (overrides epochs)
+    warmup_steps: int = 500  # linear warmup length, restarted every task
+    warmup_ratio: Optional[float] = None  # if set: warmup = ceil(ratio * steps of the task), overrides warmup_steps
+    grad_clip: float = 1.0  # max total L2 norm of the gradient; <= 0 disables clipping
+    precision: str = "fp32"
+    num_workers: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class MergeConfig:
+    """One merge method and its coefficient."""
+
+    method: str = "magmax"
+    alpha: Optional[float] = None  # lambda; None = the method's documented default
+
+
+@dataclass
+class EvalConfig:
+    """What `clmerge eval` evaluates."""
+
+    methods: list[str] = field(default_factory=lambda: ["magmax", "average"])
+    batch_size: int = 256
+    baselines: bool = True  # also evaluate zero-shot and the un-merged fine-tuned models
+
+
+@dataclass
+class PathsConfig:
+    """Where checkpoints, run outputs and real datasets live."""
+
+    store: str = "clmerge-runs/store"
+    output: str = "clmerge-runs/outputs"
+    data: str = "data"
+
+
+@dataclass
+class Config:
+    """The primary config shared by `finetune`, `merge`, `eval` and `run` (one store key for all)."""
+
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 0
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+
+
+@dataclass
+class PretrainConfig:
+    """`clmerge pretrain`: contrastive pretraining of the built-in tiny CLIP on world captions."""
+
+    output: str = "world_clip.safetensors"
+    steps: int = 1500
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    num_pairs: int = 120_000
+    seed: int = 0
+    threads: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+SETTINGS = ("class_incremental", "domain_incremental")
+REGIMES = ("sequential", "independent")

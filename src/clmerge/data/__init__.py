@@ -1,0 +1,1 @@
+"""Datasets: the registry of known datasets, the built-in world, prompt templates."""

@@ -1,0 +1,1 @@
+"""Merging: pure per-tensor merge methods (registry) and the engine that folds them over the store."""

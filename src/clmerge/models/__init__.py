@@ -1,0 +1,1 @@
+"""Models: open_clip loading, the trained tower's parameters, zero-shot heads."""

@@ -1,0 +1,149 @@
+"""The three jobs (finetune, merge, eval) and `run`, over one checkpoint store.
+
+Each job takes the typed `Config` once and plain paths; none reads Hydra state.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+from rich.console import Console
+
+from clmerge import report
+from clmerge.benchmarks import Benchmark, build_benchmark
+from clmerge.config import Config
+from clmerge.data.registry import derived_seed, task_split
+from clmerge.errors import NotFinetuned, UserError
+from clmerge.evaluation.evaluate import evaluate_all
+from clmerge.merging.engine import check_finite, merge_steps
+from clmerge.merging.methods import get_method, resolve_alpha
+from clmerge.models.heads import zero_shot_head
+from clmerge.models.loading import LoadedModel, load_model
+from clmerge.models.tower import freeze_all_but_tower, load_tower, snapshot, task_vector
+from clmerge.store import BASE_FILE, CheckpointDir, finetune_dir, merge_dir, step_file, task_file
+from clmerge.training.finetune import check_recipe, task_recipe, train_task
+from clmerge.training.precision import resolve_device
+
+
+def _prepare(cfg: Config) -> torch.device:
+    """Threads and device of a job."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    return resolve_device(cfg.finetune.device)
+
+
+def _model_and_benchmark(cfg: Config, device: torch.device) -> tuple[LoadedModel, Benchmark]:
+    benchmark = build_benchmark(cfg.benchmark)
+    return load_model(cfg.model, device), benchmark
+
+
+def finetune(cfg: Config, console: Console) -> Path:
+    """Fine-tune every task of the benchmark (skipping tasks already in the store); returns the run's dir."""
+    check_recipe(cfg.finetune)
+    device = _prepare(cfg)
+    loaded, benchmark = _model_and_benchmark(cfg, device)
+    store = finetune_dir(cfg)
+    with store.lock():
+        params = freeze_all_but_tower(loaded.model)
+        base = snapshot(loaded.model)
+        if store.has(BASE_FILE):
+            if any(not torch.equal(base[k], v) for k, v in store.load(BASE_FILE).items()):
+                raise UserError(f"the pretrained weights differ from {store.path / BASE_FILE}; "
+                                f"delete {store.path} or use another paths.store")
+        else:
+            store.manifest["benchmark"] = benchmark.to_json()
+            store.save(BASE_FILE, base, role="theta_0")
+        head_all = zero_shot_head(loaded.model, loaded.tokenizer, benchmark.classnames, benchmark.templates, device)
+        restrict = benchmark.setting == "class_incremental"
+        with report.training_progress(console) as progress:
+            for task in benchmark.tasks:
+                name = task_file(task.index)
+                if store.has(name):
+                    console.print(f"[dim]{task.name}: already fine-tuned, skipped[/dim]")
+                    continue
+                start = store.load(task_file(task.index - 1)) if (
+                    cfg.finetune.regime == "sequential" and task.index > 0) else None
+                load_tower(loaded.model, base, start)
+                dataset = task_split(cfg.benchmark, task, "train", cfg.seed)
+                bar = progress.add_task(task.name, total=None)
+                stats = train_task(loaded.model, params, task_recipe(head_all, task.classes, restrict), dataset,
+                                   cfg.finetune, derived_seed(cfg.seed, "shuffle", task.index), device,
+                                   on_step=report.step_callback(progress, bar, cfg.finetune, len(dataset)))
+                tau = task_vector(loaded.model, base)
+                check_finite(tau, f"the task vector of {task.name}")
+                store.save(name, tau, task=task.name, **asdict(stats))
+        store.manifest["status"] = "complete"
+        store.write_manifest()
+    return store.path
+
+
+def finished_finetune(cfg: Config, num_tasks: int) -> CheckpointDir:
+    """The fine-tuning run of `cfg`, which must hold every task; otherwise NotFinetuned."""
+    store = finetune_dir(cfg)
+    if not all(store.has(task_file(i)) for i in range(num_tasks)) or not store.has(BASE_FILE):
+        raise NotFinetuned(str(store.path))
+    return store
+
+
+def merged_steps(cfg: Config, method_name: str, num_tasks: int, console: Console) -> CheckpointDir:
+    """The per-step merged vectors of `method_name` (computed once, then read from the store)."""
+    method = get_method(method_name)
+    source = finished_finetune(cfg, num_tasks)
+    target = merge_dir(cfg, method.name, params={})
+    steps = [step_file(t) for t in range(1, num_tasks + 1)]
+    if all(target.has(name) for name in steps):
+        return target
+    with target.lock():
+        start = time.perf_counter()
+        for t, merged in merge_steps(lambda i: source.load(task_file(i)), num_tasks, method):
+            target.save(step_file(t), merged, step=t)
+        target.manifest["seconds"] = time.perf_counter() - start
+        target.write_manifest()
+    console.print(f"merged {num_tasks} steps with {method.name} in {target.manifest['seconds']:.2f} s")
+    return target
+
+
+def merge(cfg: Config, console: Console, methods: Optional[list[str]] = None,
+          output_dir: Optional[Path] = None) -> dict[str, Path]:
+    """Merge the task vectors with each method (default: cfg.merge.method); writes merge.json to output_dir."""
+    names = methods or [cfg.merge.method]
+    num_tasks = len(build_benchmark(cfg.benchmark).tasks)
+    dirs = {name: merged_steps(cfg, name, num_tasks, console).path for name in names}
+    if output_dir is not None:
+        record = {name: {"store": str(path), "alpha": _alpha(cfg, name)} for name, path in dirs.items()}
+        report.write_json(output_dir / "merge.json", {"finetune": str(finetune_dir(cfg).path), "methods": record})
+    return dirs
+
+
+def _alpha(cfg: Config, method_name: str) -> float:
+    """lambda of a method: cfg.merge.alpha for the configured method, the method's default otherwise."""
+    configured = cfg.merge.alpha if method_name == cfg.merge.method else None
+    return resolve_alpha(get_method(method_name), configured)
+
+
+def evaluate(cfg: Config, console: Console, output_dir: Path, timings: Optional[dict[str, float]] = None) -> dict:
+    """Evaluate zero-shot, the fine-tuned models and every merged model after every step on every task."""
+    device = _prepare(cfg)
+    loaded, benchmark = _model_and_benchmark(cfg, device)
+    num_tasks = len(benchmark.tasks)
+    source = finished_finetune(cfg, num_tasks)
+    merges = {name: (merged_steps(cfg, name, num_tasks, console), _alpha(cfg, name)) for name in cfg.eval.methods}
+    start = time.perf_counter()
+    methods = evaluate_all(cfg, benchmark, loaded, source, merges, device, console)
+    timings = {**(timings or {}), "eval": time.perf_counter() - start}
+    results = report.results_document(cfg, benchmark, source, merges, methods, timings)
+    report.write_json(output_dir / "results.json", results)
+    report.print_results(results, console)
+    console.print(f"results: {output_dir / 'results.json'}")
+    return results
+
+
+def run(cfg: Config, console: Console, output_dir: Path) -> dict:
+    """finetune, then merge with every method of cfg.eval.methods, then evaluate."""
+    start = time.perf_counter()
+    finetune(cfg, console)
+    return evaluate(cfg, console, output_dir, timings={"finetune": time.perf_counter() - start})

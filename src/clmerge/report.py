@@ -1,0 +1,107 @@
+"""What a run leaves behind and shows: results.json, the terminal table, progress bars."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from clmerge import __version__
+from clmerge.benchmarks import Benchmark
+from clmerge.config import Config, FinetuneConfig
+from clmerge.evaluation.metrics import accuracy_matrix, summary
+from clmerge.store import CheckpointDir, atomic_write_bytes
+from clmerge.training.finetune import steps_per_task
+
+RESULTS_SCHEMA_VERSION = 1
+
+
+def training_progress(console: Console) -> Progress:
+    """Progress bars of fine-tuning: steps, loss, throughput, elapsed time."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.0f} img/s"),
+                    TimeElapsedColumn(), console=console)
+
+
+def step_callback(progress: Progress, bar: Any, cfg: FinetuneConfig, num_examples: int) -> Callable[[int, float], None]:
+    """Update a task's bar after each optimizer step."""
+    total = steps_per_task(cfg, num_examples)
+    progress.update(bar, total=total, loss=float("nan"), rate=0.0)
+
+    def on_step(step: int, loss: float) -> None:
+        elapsed = progress.tasks[bar].elapsed or 1e-9
+        progress.update(bar, completed=step, loss=loss, rate=step * cfg.batch_size / elapsed)
+
+    return on_step
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write a JSON document atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps(payload, indent=2).encode())
+
+
+def method_entry(raw: dict[str, Any]) -> dict[str, Any]:
+    """Matrices and metrics of one method, both protocols, from its count matrices."""
+    sizes = raw["test_sizes"]
+    return {
+        "alpha": raw["alpha"],
+        "correct": raw["correct"],
+        "correct_task_aware": raw["correct_task_aware"],
+        "accuracy_matrix": accuracy_matrix(raw["correct"], sizes),
+        "accuracy_matrix_task_aware": accuracy_matrix(raw["correct_task_aware"], sizes),
+        **summary(raw["correct"], sizes),
+        "task_aware": summary(raw["correct_task_aware"], sizes),
+    }
+
+
+def results_document(cfg: Config, benchmark: Benchmark, source: CheckpointDir,
+                     merges: dict[str, tuple[CheckpointDir, float]], methods: dict[str, dict[str, Any]],
+                     timings: dict[str, float]) -> dict[str, Any]:
+    """The versioned results.json of a run (DESIGN.md): accuracies are fractions in [0, 1]."""
+    sizes = next(iter(methods.values()))["test_sizes"] if methods else []
+    return {
+        "schema_version": RESULTS_SCHEMA_VERSION,
+        "clmerge_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": asdict(cfg),
+        "store": {"finetune": source.manifest["key"],
+                  "merge": {name: store.manifest["key"] for name, (store, _) in merges.items()}},
+        "benchmark": benchmark.to_json(),
+        "test_sizes": sizes,
+        "precision": cfg.finetune.precision,
+        "seed": cfg.seed,
+        "timings_s": timings,
+        "methods": {name: method_entry(raw) for name, raw in methods.items()},
+    }
+
+
+def _pct(value: Optional[float]) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+
+
+def print_results(results: dict[str, Any], console: Console) -> None:
+    """The terminal table: per-task accuracy after the last step and the summary metrics, in %."""
+    tasks = [task["name"] for task in results["benchmark"]["tasks"]]
+    table = Table(title=f"{results['benchmark']['name']}: accuracy after the last task (%), seed {results['seed']}")
+    table.add_column("method")
+    table.add_column("λ", justify="right")
+    for name in tasks:
+        table.add_column(name, justify="right")
+    for header in ("final", "AIA", "forgetting", "final (TA)", "forgetting (TA)"):
+        table.add_column(header, justify="right")
+    for method, entry in results["methods"].items():
+        last = entry["accuracy_matrix"][-1]
+        table.add_row(method, f"{entry['alpha']:g}", *(_pct(a) for a in last), _pct(entry["final_accuracy"]),
+                      _pct(entry["average_incremental_accuracy"]), _pct(entry["forgetting"]),
+                      _pct(entry["task_aware"]["final_accuracy"]), _pct(entry["task_aware"]["forgetting"]))
+    console.print(table)
+    console.print("[dim]final = mean over tasks, all-class head (task-agnostic); TA = task-aware "
+                  "(each task's own classes); AIA = average incremental accuracy[/dim]")

@@ -1,0 +1,200 @@
+"""The checkpoint directory: keys, layout, manifests, atomic writes, hash checks and locks.
+
+Layout (DESIGN.md):
+    <root>/finetune/<prefix>-<hash>/manifest.json, base.safetensors, task_000.safetensors, ...
+    <root>/merge/<finetune-key>/<method>-<hash>/manifest.json, step_001.safetensors, ...
+Every file is written to a temporary name, flushed, fsynced and renamed; the manifest is written last,
+so a file only counts once the manifest names it with its sha256.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from clmerge import __version__
+from clmerge.config import Config
+from clmerge.errors import UserError
+
+SCHEMA_VERSION = 1
+Tensors = dict[str, torch.Tensor]
+
+# Fields that do not change the weights a fine-tuning run produces.
+_FINETUNE_KEY_IGNORED = {"num_workers", "device"}
+
+
+def config_hash(payload: Any) -> str:
+    """Short stable hash of a JSON-serialisable payload."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "x"
+
+
+def finetune_subset(cfg: Config) -> dict[str, Any]:
+    """The part of the config that decides the fine-tuned weights."""
+    finetune = {k: v for k, v in asdict(cfg.finetune).items() if k not in _FINETUNE_KEY_IGNORED}
+    return {"benchmark": asdict(cfg.benchmark), "model": asdict(cfg.model), "finetune": finetune, "seed": cfg.seed}
+
+
+def finetune_key(cfg: Config) -> str:
+    """Readable, unique directory name of a fine-tuning run."""
+    prefix = _slug(f"{cfg.benchmark.name}-{cfg.model.name}-{cfg.finetune.regime}-s{cfg.seed}")
+    return f"{prefix}-{config_hash(finetune_subset(cfg))}"
+
+
+def merge_key(method: str, params: dict[str, Any]) -> str:
+    """Directory name of a merge (the merged vector does not depend on lambda, so lambda is not in it)."""
+    return f"{_slug(method)}-{config_hash({'method': method, **params})}"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file, fsync and rename."""
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_save_tensors(path: Path, tensors: Tensors, metadata: dict[str, str] | None = None) -> str:
+    """Save tensors as safetensors atomically; returns the file's sha256."""
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    save_file(contiguous, str(tmp), metadata=metadata)
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    digest = sha256_file(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return digest
+
+
+class CheckpointDir:
+    """One key directory with a manifest naming every finished file and its sha256."""
+
+    def __init__(self, path: Path, header: dict[str, Any]):
+        self.path = path
+        self._header = header
+        self.manifest = self._read_manifest()
+
+    @property
+    def exists(self) -> bool:
+        return (self.path / "manifest.json").exists()
+
+    def _read_manifest(self) -> dict[str, Any]:
+        file = self.path / "manifest.json"
+        if not file.exists():
+            return {"schema_version": SCHEMA_VERSION, "clmerge_version": __version__, **self._header, "files": {}}
+        try:
+            manifest = json.loads(file.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"corrupt manifest {file} ({exc.msg}); delete {self.path} and rerun") from None
+        if manifest.get("schema_version") != SCHEMA_VERSION:
+            raise UserError(f"{file} has schema version {manifest.get('schema_version')}, expected "
+                            f"{SCHEMA_VERSION}; delete {self.path} and rerun")
+        return manifest
+
+    def write_manifest(self) -> None:
+        """Persist the manifest atomically."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.path / "manifest.json", json.dumps(self.manifest, indent=2).encode())
+
+    def has(self, name: str) -> bool:
+        """Whether `name` is recorded as complete and its file is present."""
+        return name in self.manifest["files"] and (self.path / name).exists()
+
+    def save(self, name: str, tensors: Tensors, **info: Any) -> None:
+        """Write a tensor file atomically, then record it (with `info`) in the manifest."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        digest = atomic_save_tensors(self.path / name, tensors)
+        self.manifest["files"][name] = {"sha256": digest, **info}
+        self.write_manifest()
+
+    def load(self, name: str) -> Tensors:
+        """Load a recorded tensor file after checking its sha256."""
+        if name not in self.manifest["files"]:
+            raise UserError(f"{self.path / name} is not recorded in the manifest; rerun the command that writes it")
+        file = self.path / name
+        if not file.exists():
+            raise UserError(f"{file} is missing; rerun the command that writes it")
+        expected = self.manifest["files"][name]["sha256"]
+        if sha256_file(file) != expected:
+            raise UserError(f"{file} does not match its sha256 in the manifest (damaged); delete it and rerun")
+        return load_file(str(file))
+
+    def info(self, name: str) -> dict[str, Any]:
+        """The manifest record of a file."""
+        return self.manifest["files"][name]
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold an exclusive lock on this key; a second writer stops with a clear error."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / ".lock", "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(f"another clmerge process is writing {self.path}; wait for it to finish") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def task_file(index: int) -> str:
+    """File name of task `index`'s (0-based) task vector."""
+    return f"task_{index:03d}.safetensors"
+
+
+def step_file(step: int) -> str:
+    """File name of the merged vector after step `step` (1-based)."""
+    return f"step_{step:03d}.safetensors"
+
+
+BASE_FILE = "base.safetensors"
+
+
+def finetune_dir(cfg: Config) -> CheckpointDir:
+    """The fine-tuning run directory of `cfg`."""
+    key = finetune_key(cfg)
+    header = {"kind": "finetune", "key": key, "config": finetune_subset(cfg)}
+    return CheckpointDir(Path(cfg.paths.store) / "finetune" / key, header)
+
+
+def merge_dir(cfg: Config, method: str, params: dict[str, Any]) -> CheckpointDir:
+    """The merge directory of `method` over the fine-tuning run of `cfg`."""
+    key = merge_key(method, params)
+    header = {"kind": "merge", "key": key, "finetune_key": finetune_key(cfg), "method": method, "params": params}
+    return CheckpointDir(Path(cfg.paths.store) / "merge" / finetune_key(cfg) / key, header)

@@ -1,0 +1,113 @@
+"""The one fine-tuning loop (SPEC.md section 3): visual tower trained against a frozen zero-shot head.
+
+Sequential regime: task t starts from theta_0 + tau_{t-1}, read back from the store, so a resumed run and
+an uninterrupted one compute exactly the same thing. Independent regime: every task starts from theta_0.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from clmerge.config import FinetuneConfig
+from clmerge.errors import UserError
+from clmerge.models.heads import logits
+from clmerge.training.precision import autocast
+from clmerge.training.schedule import lr_at, peak_lr, warmup_length
+
+StepCallback = Callable[[int, float], None]
+
+
+@dataclass(frozen=True)
+class TaskRecipe:
+    """What one task trains on: its head rows and the map from global label to head row."""
+
+    head: torch.Tensor  # [K, D] rows of the frozen zero-shot head
+    label_map: torch.Tensor  # [C] global label -> row index in `head` (-1 for classes not in it)
+
+
+@dataclass(frozen=True)
+class TaskStats:
+    """Summary of one task's training, recorded in the manifest."""
+
+    steps: int
+    warmup_steps: int
+    peak_lr: float
+    final_loss: float
+    seconds: float
+    images_per_second: float
+
+
+def task_recipe(head_all: torch.Tensor, classes: tuple[int, ...], restrict: bool) -> TaskRecipe:
+    """Training head of a task: only its classes (class-incremental, SPEC 3.3) or the full head."""
+    num_classes = head_all.shape[0]
+    rows = list(classes) if restrict else list(range(num_classes))
+    label_map = torch.full((num_classes,), -1, dtype=torch.int64)
+    label_map[torch.tensor(rows)] = torch.arange(len(rows))
+    return TaskRecipe(head=head_all[rows], label_map=label_map)
+
+
+def steps_per_task(cfg: FinetuneConfig, num_examples: int) -> int:
+    """Optimizer steps of a task: `steps` when set, else epochs * ceil(N / batch)."""
+    if cfg.steps is not None:
+        return cfg.steps
+    return cfg.epochs * math.ceil(num_examples / cfg.batch_size)
+
+
+def check_recipe(cfg: FinetuneConfig) -> None:
+    """Reject recipe values no run could use."""
+    if cfg.batch_size < 1:
+        raise UserError(f"finetune.batch_size must be at least 1, got {cfg.batch_size}")
+    if cfg.steps is not None and cfg.steps < 1:
+        raise UserError(f"finetune.steps must be at least 1 (or null to use epochs), got {cfg.steps}")
+    if cfg.steps is None and cfg.epochs < 1:
+        raise UserError(f"finetune.epochs must be at least 1, got {cfg.epochs}")
+    if cfg.lr <= 0:
+        raise UserError(f"finetune.lr must be positive, got {cfg.lr}")
+    if cfg.warmup_ratio is not None and not 0 <= cfg.warmup_ratio <= 1:
+        raise UserError(f"finetune.warmup_ratio must be in [0, 1] (or null), got {cfg.warmup_ratio}")
+
+
+def train_task(model: torch.nn.Module, params: list[torch.nn.Parameter], recipe: TaskRecipe, dataset: Dataset,
+               cfg: FinetuneConfig, seed: int, device: torch.device,
+               on_step: Optional[StepCallback] = None) -> TaskStats:
+    """Fine-tune `params` on `dataset` with a fresh AdamW and schedule; returns the task's statistics."""
+    total = steps_per_task(cfg, len(dataset))
+    warmup = warmup_length(total, cfg.warmup_steps, cfg.warmup_ratio)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps)
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator,
+                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    head, label_map = recipe.head.to(device), recipe.label_map.to(device)
+    model.train()
+    step, loss_value, seen, start = 0, float("nan"), 0, time.perf_counter()
+    while step < total:
+        for images, labels in loader:
+            if step >= total:
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg.lr, warmup, total)
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(cfg.precision, device):
+                loss = F.cross_entropy(logits(model, head, images), label_map[labels])
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise UserError(f"the loss became {loss_value} at step {step + 1}; lower finetune.lr and rerun")
+            step, seen = step + 1, seen + len(labels)
+            if on_step is not None:
+                on_step(step, loss_value)
+    seconds = time.perf_counter() - start
+    return TaskStats(steps=total, warmup_steps=warmup, peak_lr=peak_lr(cfg.lr, warmup, total),
+                     final_loss=loss_value, seconds=seconds, images_per_second=seen / max(seconds, 1e-9))

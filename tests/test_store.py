@@ -1,0 +1,75 @@
+"""Checkpoint store: round trip, hash verification, atomic writes, keys, locks."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clmerge.config import BenchmarkConfig, Config, PathsConfig
+from clmerge.errors import UserError
+from clmerge.store import CheckpointDir, finetune_dir, finetune_key, merge_dir, task_file
+
+
+def make_cfg(tmp_path: Path, **finetune: object) -> Config:
+    cfg = Config(benchmark=BenchmarkConfig(name="cil", setting="class_incremental", dataset="world",
+                                           templates="world"),
+                 paths=PathsConfig(store=str(tmp_path / "store")))
+    return dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, **finetune))
+
+
+def test_round_trip_is_bit_identical_and_recorded_with_its_hash(tmp_path: Path) -> None:
+    store = finetune_dir(make_cfg(tmp_path))
+    vector = {"visual.a": torch.randn(3, 4), "visual.b": torch.randn(5)}
+    store.save(task_file(0), vector, task="task1")
+    assert store.has(task_file(0))
+    again = CheckpointDir(store.path, {})
+    loaded = again.load(task_file(0))
+    assert all(torch.equal(loaded[k], vector[k]) for k in vector)
+    assert len(again.info(task_file(0))["sha256"]) == 64
+    assert not list(store.path.glob(".tmp-*"))
+
+
+def test_a_flipped_byte_is_detected(tmp_path: Path) -> None:
+    store = finetune_dir(make_cfg(tmp_path))
+    store.save(task_file(0), {"visual.a": torch.zeros(100)})
+    file = store.path / task_file(0)
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 0x01
+    file.write_bytes(bytes(data))
+    load_file(str(file))  # still parses: only the hash can tell
+    with pytest.raises(UserError, match="does not match its sha256"):
+        store.load(task_file(0))
+
+
+def test_a_file_missing_from_the_manifest_does_not_count(tmp_path: Path) -> None:
+    store = finetune_dir(make_cfg(tmp_path))
+    store.path.mkdir(parents=True)
+    (store.path / task_file(0)).write_bytes(b"half-written")
+    assert not store.has(task_file(0))
+
+
+def test_keys_depend_on_weight_relevant_fields_only(tmp_path: Path) -> None:
+    base = make_cfg(tmp_path)
+    assert finetune_key(base) == finetune_key(make_cfg(tmp_path, num_workers=4))
+    assert finetune_key(base) != finetune_key(make_cfg(tmp_path, lr=1e-3))
+    assert finetune_key(base) != finetune_key(dataclasses.replace(base, seed=1))
+    assert finetune_key(base).startswith("cil-world-tiny-sequential-s0-")
+    assert merge_dir(base, "magmax", {}).path.parent.name == finetune_key(base)
+
+
+def test_a_second_writer_is_stopped_with_a_clear_error(tmp_path: Path) -> None:
+    store = finetune_dir(make_cfg(tmp_path))
+    with store.lock():
+        with pytest.raises(UserError, match="another clmerge process"):
+            with finetune_dir(make_cfg(tmp_path)).lock():
+                pass
+
+
+def test_corrupt_manifest_is_a_clear_error(tmp_path: Path) -> None:
+    store = finetune_dir(make_cfg(tmp_path))
+    store.path.mkdir(parents=True)
+    (store.path / "manifest.json").write_text("{not json")
+    with pytest.raises(UserError, match="corrupt manifest"):
+        finetune_dir(make_cfg(tmp_path))
