@@ -38,7 +38,7 @@ def _prepare(cfg: Config) -> torch.device:
 
 def _model_and_benchmark(cfg: Config, device: torch.device) -> tuple[LoadedModel, Benchmark]:
     benchmark = build_benchmark(cfg.benchmark)
-    return load_model(cfg.model, device), benchmark
+    return load_model(cfg.model, device, init_seed=derived_seed(cfg.seed, "init")), benchmark
 
 
 def finetune(cfg: Config, console: Console) -> Path:
@@ -69,10 +69,9 @@ def finetune(cfg: Config, console: Console) -> Path:
                     cfg.finetune.regime == "sequential" and task.index > 0) else None
                 load_tower(loaded.model, base, start)
                 dataset = task_split(cfg.benchmark, task, "train", cfg.seed)
-                bar = progress.add_task(task.name, total=None)
                 stats = train_task(loaded.model, params, task_recipe(head_all, task.classes, restrict), dataset,
                                    cfg.finetune, derived_seed(cfg.seed, "shuffle", task.index), device,
-                                   on_step=report.step_callback(progress, bar, cfg.finetune, len(dataset)))
+                                   on_step=report.task_bar(progress, task.name, cfg.finetune, len(dataset)))
                 tau = task_vector(loaded.model, base)
                 check_finite(tau, f"the task vector of {task.name}")
                 store.save(name, tau, task=task.name, **asdict(stats))

@@ -30,10 +30,9 @@ def training_progress(console: Console) -> Progress:
                     TimeElapsedColumn(), console=console)
 
 
-def step_callback(progress: Progress, bar: Any, cfg: FinetuneConfig, num_examples: int) -> Callable[[int, float], None]:
-    """Update a task's bar after each optimizer step."""
-    total = steps_per_task(cfg, num_examples)
-    progress.update(bar, total=total, loss=float("nan"), rate=0.0)
+def task_bar(progress: Progress, name: str, cfg: FinetuneConfig, num_examples: int) -> Callable[[int, float], None]:
+    """Add a bar for one task; returns the callback that advances it after each optimizer step."""
+    bar = progress.add_task(name, total=steps_per_task(cfg, num_examples), loss=float("nan"), rate=0.0)
 
     def on_step(step: int, loss: float) -> None:
         elapsed = progress.tasks[bar].elapsed or 1e-9
@@ -88,20 +87,26 @@ def _pct(value: Optional[float]) -> str:
 
 
 def print_results(results: dict[str, Any], console: Console) -> None:
-    """The terminal table: per-task accuracy after the last step and the summary metrics, in %."""
-    tasks = [task["name"] for task in results["benchmark"]["tasks"]]
-    table = Table(title=f"{results['benchmark']['name']}: accuracy after the last task (%), seed {results['seed']}")
-    table.add_column("method")
-    table.add_column("λ", justify="right")
-    for name in tasks:
-        table.add_column(name, justify="right")
-    for header in ("final", "AIA", "forgetting", "final (TA)", "forgetting (TA)"):
-        table.add_column(header, justify="right")
+    """Two terminal tables (%): accuracy on each task after the last step, and the summary metrics."""
+    title = f"{results['benchmark']['name']}, seed {results['seed']}"
+    per_task = Table(title=f"{title}: accuracy on each task after the last step (all-class head, %)")
+    summary_table = Table(title=f"{title}: metrics (%)")
+    for table in (per_task, summary_table):
+        table.add_column("method")
+        table.add_column("λ", justify="right")
+    for task in results["benchmark"]["tasks"]:
+        per_task.add_column(task["name"], justify="right")
+    for header in ("final", "AIA", "forgetting", "BWT", "final TA", "forgetting TA"):
+        summary_table.add_column(header, justify="right")
     for method, entry in results["methods"].items():
-        last = entry["accuracy_matrix"][-1]
-        table.add_row(method, f"{entry['alpha']:g}", *(_pct(a) for a in last), _pct(entry["final_accuracy"]),
-                      _pct(entry["average_incremental_accuracy"]), _pct(entry["forgetting"]),
-                      _pct(entry["task_aware"]["final_accuracy"]), _pct(entry["task_aware"]["forgetting"]))
-    console.print(table)
-    console.print("[dim]final = mean over tasks, all-class head (task-agnostic); TA = task-aware "
-                  "(each task's own classes); AIA = average incremental accuracy[/dim]")
+        alpha = f"{entry['alpha']:g}"
+        per_task.add_row(method, alpha, *(_pct(a) for a in entry["accuracy_matrix"][-1]))
+        aware = entry["task_aware"]
+        summary_table.add_row(method, alpha, _pct(entry["final_accuracy"]),
+                              _pct(entry["average_incremental_accuracy"]), _pct(entry["forgetting"]),
+                              _pct(entry["backward_transfer"]), _pct(aware["final_accuracy"]),
+                              _pct(aware["forgetting"]))
+    console.print(per_task)
+    console.print(summary_table)
+    console.print("[dim]final: mean over tasks after the last step; AIA: average incremental accuracy; "
+                  "TA: task-aware (each task's own classes); the rest task-agnostic[/dim]")

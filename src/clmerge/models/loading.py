@@ -55,14 +55,19 @@ def _resolve_pretrained(cfg: ModelConfig) -> str | None:
     return cfg.pretrained
 
 
-def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> LoadedModel:
-    """Build `cfg.name` with open_clip and load its pretrained weights."""
+def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", init_seed: int = 0) -> LoadedModel:
+    """Build `cfg.name` with open_clip and load its pretrained weights.
+
+    With `pretrained=none` the random initialisation is drawn from `init_seed`, so it is reproducible.
+    """
     register_builtin_configs()
     if cfg.name not in open_clip.list_models():
         raise UserError(f"unknown model '{cfg.name}'; use an open_clip model name such as ViT-B-16, "
                         f"or {BUILTIN_MODEL}")
     pretrained = _resolve_pretrained(cfg)
-    model, train_tf, eval_tf = open_clip.create_model_and_transforms(
-        cfg.name, pretrained=pretrained, device=device, force_quick_gelu=cfg.force_quick_gelu)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        model, train_tf, eval_tf = open_clip.create_model_and_transforms(
+            cfg.name, pretrained=pretrained, device=device, force_quick_gelu=cfg.force_quick_gelu)
     tokenizer = open_clip.get_tokenizer(cfg.name)
     return LoadedModel(model=model, tokenizer=tokenizer, train_transform=train_tf, eval_transform=eval_tf)
