@@ -1,0 +1,238 @@
+"""The `clmerge` command line (Typer). Thin: typed options become Hydra overrides, hydra_app does the rest.
+
+Every trailing argument is a Hydra override (`finetune.lr=1e-4`, `merge=magmax,average` with -m);
+Hydra's `-m/--multirun`, `--cfg job`, `--info` and `--resolve` pass through. A mistake the user can fix
+ends with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from typing import Annotated, Any, Callable, Optional, Sequence
+
+import typer
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError  # typer vendors click
+from typer.core import TyperGroup
+
+from clmerge import __version__, hydra_app
+from clmerge.errors import UserError
+
+USER_ERROR_EXIT = 2
+
+
+class _OneLineErrors(TyperGroup):
+    """Usage mistakes (unknown option, bad option value) as one line on stderr instead of a box."""
+
+    def main(self, args: Optional[Sequence[str]] = None, prog_name: Optional[str] = None,
+             complete_var: Optional[str] = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelpError as err:
+            err.show()
+            code = err.exit_code
+        except ClickException as err:
+            command = err.ctx.command_path if isinstance(err, UsageError) and err.ctx else "clmerge"
+            typer.echo(f"error: {err.format_message().rstrip('.')}; see `{command} --help`", err=True)
+            code = err.exit_code
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            code = 1
+        code = code if isinstance(code, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+app = typer.Typer(
+    cls=_OneLineErrors,
+    name="clmerge",
+    help="Continual learning of CLIP models through model merging.\n\n"
+         "Fine-tune a CLIP model task after task, merge the task vectors (MagMax, averaging, ...) and evaluate "
+         "every merged model after every task on every task. `finetune`, `merge` and `eval` share one "
+         "checkpoint store, so you fine-tune once and merge and evaluate as many ways as you like; `run` does "
+         "all three. Trailing arguments are Hydra overrides; `clmerge config show` prints the composed config.",
+    epilog="Example: clmerge run --benchmark class_incremental/world --methods magmax,average",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+config_app = typer.Typer(help="Inspect the composed configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+class ShowConfig(str, Enum):
+    """What Hydra's --cfg prints."""
+
+    job = "job"
+    hydra = "hydra"
+    all = "all"
+
+
+Overrides = Annotated[Optional[list[str]], typer.Argument(
+    metavar="[OVERRIDES]...", show_default=False,
+    help="Hydra overrides such as finetune.lr=1e-4 or merge=magmax,average (a sweep, with -m); "
+         "Hydra's --info and --resolve pass through too.")]
+Benchmark = Annotated[Optional[str], typer.Option(
+    "--benchmark", "-b", metavar="NAME", show_default=False,
+    help="Benchmark config, e.g. class_incremental/world or domain_incremental/world (= benchmark=NAME).")]
+Seed = Annotated[Optional[int], typer.Option("--seed", show_default=False, help="Run seed (= seed=N).")]
+Multirun = Annotated[bool, typer.Option(
+    "--multirun", "-m", help="Hydra multirun: one job per combination of the comma-separated override values.")]
+Cfg = Annotated[Optional[ShowConfig], typer.Option(
+    "--cfg", show_default=False, help="Print the composed config (job, hydra or all) instead of running.")]
+Methods = Annotated[Optional[str], typer.Option(
+    "--methods", metavar="A,B", show_default=False,
+    help="Merge methods to evaluate, comma-separated (= eval.methods=[A,B]).")]
+
+
+def _options(benchmark: Optional[str] = None, seed: Optional[int] = None, **groups: Optional[str]) -> list[str]:
+    """Typed options as Hydra overrides, before the user's own so that those come last."""
+    pairs = {"benchmark": benchmark, "seed": None if seed is None else str(seed), **groups}
+    return [f"{key}={value}" for key, value in pairs.items() if value is not None]
+
+
+def _methods_list(methods: Optional[str]) -> Optional[str]:
+    if methods is None:
+        return None
+    names = [name.strip() for name in methods.split(",") if name.strip()]
+    return f"[{','.join(names)}]"
+
+
+def _guard(action: Callable[[], Any]) -> Any:
+    """Run `action`; a UserError becomes one line on stderr and exit status 2."""
+    try:
+        return action()
+    except UserError as err:
+        message = " ".join(str(err).split("\n")).strip()
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(USER_ERROR_EXIT) from None
+
+
+def _launch(command: str, options: list[str], overrides: Optional[list[str]], multirun: bool,
+            cfg: Optional[ShowConfig]) -> None:
+    args = [*(["--cfg", cfg.value] if cfg else []), *options, *(overrides or [])]
+    _guard(lambda: hydra_app.launch(command, args, multirun=multirun))
+
+
+@app.command(context_settings=_PASS_THROUGH)
+def finetune(overrides: Overrides = None, benchmark: Benchmark = None, seed: Seed = None,
+             multirun: Multirun = False, cfg: Cfg = None) -> None:
+    """Fine-tune the model on every task of the benchmark, one task after the other.
+
+    Task vectors go to the checkpoint store (paths.store); finished tasks are skipped on a rerun.
+
+    [bold]Examples[/bold]
+
+      clmerge finetune
+
+      clmerge finetune --benchmark domain_incremental/world finetune.steps=300
+
+      clmerge finetune finetune=reference model.name=ViT-B-16 model.pretrained=/weights/vit_b_16.safetensors
+
+      clmerge finetune -m seed=0,1,2
+    """
+    _launch("finetune", _options(benchmark, seed), overrides, multirun, cfg)
+
+
+@app.command(context_settings=_PASS_THROUGH)
+def merge(overrides: Overrides = None,
+          method: Annotated[Optional[str], typer.Option(
+              "--method", metavar="NAME", show_default=False,
+              help="Merge method: magmax or average (= merge=NAME); with -m, a,b sweeps.")] = None,
+          benchmark: Benchmark = None, seed: Seed = None, multirun: Multirun = False, cfg: Cfg = None) -> None:
+    """Merge the fine-tuned task vectors after every task with one merge method.
+
+    Reads the fine-tuning run of the same config from the store, writes the merged vectors next to it and
+    merge.json to the run directory.
+
+    [bold]Examples[/bold]
+
+      clmerge merge --method magmax
+
+      clmerge merge --method average merge.alpha=0.8
+
+      clmerge merge -m --method magmax,average
+    """
+    _launch("merge", _options(benchmark, seed, merge=method), overrides, multirun, cfg)
+
+
+@app.command("eval", context_settings=_PASS_THROUGH)
+def evaluate(overrides: Overrides = None, methods: Methods = None, benchmark: Benchmark = None, seed: Seed = None,
+             multirun: Multirun = False, cfg: Cfg = None) -> None:
+    """Evaluate zero-shot, fine-tuned and merged models after every task on every task.
+
+    Writes results.json (accuracy matrix and metrics per method) to the run directory and prints a table.
+
+    [bold]Examples[/bold]
+
+      clmerge eval
+
+      clmerge eval --methods magmax eval.batch_size=512
+    """
+    _launch("eval", _options(benchmark, seed, **{"eval.methods": _methods_list(methods)}), overrides, multirun, cfg)
+
+
+@app.command(context_settings=_PASS_THROUGH)
+def run(overrides: Overrides = None, methods: Methods = None, benchmark: Benchmark = None, seed: Seed = None,
+        multirun: Multirun = False, cfg: Cfg = None) -> None:
+    """Fine-tune, merge with every method and evaluate: the whole experiment in one command.
+
+    [bold]Examples[/bold]
+
+      clmerge run
+
+      clmerge run --benchmark domain_incremental/world --methods magmax,average
+
+      clmerge run -m seed=0,1,2 hydra/launcher=joblib hydra.launcher.n_jobs=3
+    """
+    _launch("run", _options(benchmark, seed, **{"eval.methods": _methods_list(methods)}), overrides, multirun, cfg)
+
+
+@app.command(context_settings=_PASS_THROUGH)
+def pretrain(overrides: Overrides = None, seed: Seed = None, multirun: Multirun = False, cfg: Cfg = None) -> None:
+    """Pretrain the built-in tiny CLIP (world-tiny) contrastively on captions of the synthetic world.
+
+    [bold]Examples[/bold]
+
+      clmerge pretrain output=world_clip.safetensors
+
+      clmerge pretrain steps=300 batch_size=128
+    """
+    _launch("pretrain", _options(seed=seed), overrides, multirun, cfg)
+
+
+@config_app.command("show", context_settings=_PASS_THROUGH)
+def config_show(overrides: Overrides = None, benchmark: Benchmark = None, seed: Seed = None,
+                for_pretrain: Annotated[bool, typer.Option(
+                    "--pretrain", help="Show the config of `clmerge pretrain` instead.")] = False) -> None:
+    """Print the composed config (YAML) that finetune, merge, eval and run would use.
+
+    [bold]Examples[/bold]
+
+      clmerge config show
+
+      clmerge config show --benchmark domain_incremental/world finetune=reference
+
+      clmerge config show --pretrain
+    """
+    if for_pretrain:
+        name, options = "pretrain", _options(seed=seed)
+    else:
+        name, options = "config", _options(benchmark, seed)
+    typer.echo(_guard(lambda: hydra_app.show_config([*options, *(overrides or [])], config_name=name)), nl=False)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"clmerge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False) -> None:
+    """Continual learning of CLIP models through model merging."""
