@@ -83,7 +83,9 @@ def results_document(cfg: Config, benchmark: Benchmark, source: CheckpointDir,
 
 
 def _pct(value: Optional[float]) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+    if value is None or math.isnan(value):
+        return "–"
+    return f"{round(100 * value, 1) + 0.0:.1f}"  # + 0.0 turns -0.0 into 0.0
 
 
 def print_results(results: dict[str, Any], console: Console) -> None:

@@ -45,6 +45,9 @@ def _resolve_pretrained(cfg: ModelConfig) -> str | None:
         if cfg.name != BUILTIN_MODEL:
             raise UserError(f"model.pretrained=builtin exists only for model.name={BUILTIN_MODEL}; "
                             f"pass a weights file with model.pretrained=/path/to/weights.safetensors")
+        if not builtin_weights().exists():
+            raise UserError(f"the built-in weights {builtin_weights()} are missing; reinstall clmerge or "
+                            f"regenerate them with `clmerge pretrain output={builtin_weights()}`")
         return str(builtin_weights())
     if cfg.pretrained in ("", "none", "random"):
         return None
