@@ -73,9 +73,11 @@ class ShowConfig(str, Enum):
 
 
 Overrides = Annotated[Optional[list[str]], typer.Argument(
-    metavar="[OVERRIDES]...", show_default=False,
+    metavar="OVERRIDES", show_default=False,
     help="Hydra overrides such as finetune.lr=1e-4 or merge=magmax,average (a sweep, with -m); "
          "Hydra's --info and --resolve pass through too.")]
+ShowOverrides = Annotated[Optional[list[str]], typer.Argument(
+    metavar="OVERRIDES", show_default=False, help="Hydra overrides such as finetune.lr=1e-4 or merge=average.")]
 Benchmark = Annotated[Optional[str], typer.Option(
     "--benchmark", "-b", metavar="NAME", show_default=False,
     help="Benchmark config, e.g. class_incremental/world or domain_incremental/world (= benchmark=NAME).")]
@@ -206,7 +208,7 @@ def pretrain(overrides: Overrides = None, seed: Seed = None, multirun: Multirun 
 
 
 @config_app.command("show", context_settings=_PASS_THROUGH)
-def config_show(overrides: Overrides = None, benchmark: Benchmark = None, seed: Seed = None,
+def config_show(overrides: ShowOverrides = None, benchmark: Benchmark = None, seed: Seed = None,
                 for_pretrain: Annotated[bool, typer.Option(
                     "--pretrain", help="Show the config of `clmerge pretrain` instead.")] = False) -> None:
     """Print the composed config (YAML) that finetune, merge, eval and run would use.

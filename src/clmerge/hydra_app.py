@@ -313,18 +313,19 @@ def forward_to_hydra(main: Callable[[], Any], args: list[str]) -> None:
 def _call_library(command: str, cfg: Any, console: Console, output_dir: Path) -> None:
     """The library function behind `command` (imported here: `clmerge --help` needs no torch)."""
     from clmerge import pipeline
-    from clmerge.training.pretrain import pretrain
 
-    if command == "finetune":
+    if command == "pretrain":
+        from clmerge.training.pretrain import pretrain
+
+        pretrain(cfg, console)
+    elif command == "finetune":
         pipeline.finetune(cfg, console)
     elif command == "merge":
         pipeline.merge(cfg, console, output_dir=output_dir)
     elif command == "eval":
         pipeline.evaluate(cfg, console, output_dir)
-    elif command == "run":
-        pipeline.run(cfg, console, output_dir)
     else:
-        pretrain(cfg, console)
+        pipeline.run(cfg, console, output_dir)
 
 
 class _JobFailed(BaseException):
