@@ -17,14 +17,14 @@ from clmerge import report
 from clmerge.benchmarks import Benchmark, build_benchmark
 from clmerge.config import Config
 from clmerge.data.registry import derived_seed, task_split
-from clmerge.errors import NotFinetuned, UserError
+from clmerge.errors import UserError
 from clmerge.evaluation.evaluate import evaluate_all
-from clmerge.merging.engine import check_finite, merge_steps
-from clmerge.merging.methods import get_method, resolve_alpha
+from clmerge.merging.engine import check_finite
+from clmerge.merging.job import alpha_for, merged_steps
 from clmerge.models.heads import zero_shot_head
 from clmerge.models.loading import LoadedModel, load_model
 from clmerge.models.tower import freeze_all_but_tower, load_tower, snapshot, task_vector
-from clmerge.store import BASE_FILE, CheckpointDir, finetune_dir, merge_dir, step_file, task_file
+from clmerge.store import BASE_FILE, finetune_dir, finished_finetune, task_file
 from clmerge.training.finetune import check_recipe, task_recipe, train_task
 from clmerge.training.precision import resolve_device
 
@@ -80,32 +80,6 @@ def finetune(cfg: Config, console: Console) -> Path:
     return store.path
 
 
-def finished_finetune(cfg: Config, num_tasks: int) -> CheckpointDir:
-    """The fine-tuning run of `cfg`, which must hold every task; otherwise NotFinetuned."""
-    store = finetune_dir(cfg)
-    if not all(store.has(task_file(i)) for i in range(num_tasks)) or not store.has(BASE_FILE):
-        raise NotFinetuned(str(store.path))
-    return store
-
-
-def merged_steps(cfg: Config, method_name: str, num_tasks: int, console: Console) -> CheckpointDir:
-    """The per-step merged vectors of `method_name` (computed once, then read from the store)."""
-    method = get_method(method_name)
-    source = finished_finetune(cfg, num_tasks)
-    target = merge_dir(cfg, method.name, params={})
-    steps = [step_file(t) for t in range(1, num_tasks + 1)]
-    if all(target.has(name) for name in steps):
-        return target
-    with target.lock():
-        start = time.perf_counter()
-        for t, merged in merge_steps(lambda i: source.load(task_file(i)), num_tasks, method):
-            target.save(step_file(t), merged, step=t)
-        target.manifest["seconds"] = time.perf_counter() - start
-        target.write_manifest()
-    console.print(f"merged {num_tasks} steps with {method.name} in {target.manifest['seconds']:.2f} s")
-    return target
-
-
 def merge(cfg: Config, console: Console, methods: Optional[list[str]] = None,
           output_dir: Optional[Path] = None) -> dict[str, Path]:
     """Merge the task vectors with each method (default: cfg.merge.method); writes merge.json to output_dir."""
@@ -113,15 +87,9 @@ def merge(cfg: Config, console: Console, methods: Optional[list[str]] = None,
     num_tasks = len(build_benchmark(cfg.benchmark).tasks)
     dirs = {name: merged_steps(cfg, name, num_tasks, console).path for name in names}
     if output_dir is not None:
-        record = {name: {"store": str(path), "alpha": _alpha(cfg, name)} for name, path in dirs.items()}
+        record = {name: {"store": str(path), "alpha": alpha_for(cfg, name)} for name, path in dirs.items()}
         report.write_json(output_dir / "merge.json", {"finetune": str(finetune_dir(cfg).path), "methods": record})
     return dirs
-
-
-def _alpha(cfg: Config, method_name: str) -> float:
-    """lambda of a method: cfg.merge.alpha for the configured method, the method's default otherwise."""
-    configured = cfg.merge.alpha if method_name == cfg.merge.method else None
-    return resolve_alpha(get_method(method_name), configured)
 
 
 def evaluate(cfg: Config, console: Console, output_dir: Path, timings: Optional[dict[str, float]] = None) -> dict:
@@ -130,7 +98,7 @@ def evaluate(cfg: Config, console: Console, output_dir: Path, timings: Optional[
     loaded, benchmark = _model_and_benchmark(cfg, device)
     num_tasks = len(benchmark.tasks)
     source = finished_finetune(cfg, num_tasks)
-    merges = {name: (merged_steps(cfg, name, num_tasks, console), _alpha(cfg, name)) for name in cfg.eval.methods}
+    merges = {name: (merged_steps(cfg, name, num_tasks, console), alpha_for(cfg, name)) for name in cfg.eval.methods}
     start = time.perf_counter()
     methods = evaluate_all(cfg, benchmark, loaded, source, merges, device, console)
     timings = {**(timings or {}), "eval": time.perf_counter() - start}

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from clmerge import __version__
 from clmerge.config import Config
-from clmerge.errors import UserError
+from clmerge.errors import NotFinetuned, UserError
 
 SCHEMA_VERSION = 1
 Tensors = dict[str, torch.Tensor]
@@ -198,3 +198,11 @@ def merge_dir(cfg: Config, method: str, params: dict[str, Any]) -> CheckpointDir
     key = merge_key(method, params)
     header = {"kind": "merge", "key": key, "finetune_key": finetune_key(cfg), "method": method, "params": params}
     return CheckpointDir(Path(cfg.paths.store) / "merge" / finetune_key(cfg) / key, header)
+
+
+def finished_finetune(cfg: Config, num_tasks: int) -> CheckpointDir:
+    """The fine-tuning run of `cfg`, which must hold theta_0 and every task vector; otherwise NotFinetuned."""
+    store = finetune_dir(cfg)
+    if not store.has(BASE_FILE) or not all(store.has(task_file(i)) for i in range(num_tasks)):
+        raise NotFinetuned(str(store.path))
+    return store
