@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Any, Callable, Optional, Sequence
 
 import typer
@@ -60,6 +61,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect the composed configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+data_app = typer.Typer(help="Prepare and check real datasets (layouts: docs/benchmarks.md).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -226,6 +229,78 @@ def config_show(overrides: ShowOverrides = None, benchmark: Benchmark = None, se
     else:
         name, options = "config", _options(benchmark, seed)
     typer.echo(_guard(lambda: hydra_app.show_config([*options, *(overrides or [])], config_name=name)), nl=False)
+
+
+DatasetName = Annotated[str, typer.Argument(
+    metavar="NAME", show_default=False,
+    help="cifar100, imagenet_r, cub200, cars, domainnet, mnist, svhn, eurosat, gtsrb, resisc45, sun397 or dtd.")]
+DataRoot = Annotated[Path, typer.Option(
+    "--root", metavar="DIR", help="The data root (paths.data of the runs).")]
+
+
+@data_app.command("prepare")
+def data_prepare(
+        name: DatasetName,
+        src: Annotated[Path, typer.Option("--src", metavar="PATH", show_default=False,
+                                          help="The dataset as distributed (folder or archive).")],
+        dst: Annotated[Path, typer.Option("--dst", metavar="DIR", help="The data root to prepare it under.")] = Path(
+            "data"),
+        seed: Annotated[int, typer.Option("--seed", help="Seed of the split, where the dataset has none.")] = 0,
+        test_fraction: Annotated[float, typer.Option(
+            "--test-fraction", help="Test share of a seeded split (ImageNet-R, EuroSAT, RESISC45).")] = 0.2) -> None:
+    """Turn a dataset's official distribution into the layout clmerge reads, under the data root.
+
+    Image files are never moved or renamed: clmerge writes file lists next to its own manifest.
+
+    [bold]Examples[/bold]
+
+      clmerge data prepare imagenet_r --src ~/downloads/imagenet-r --dst data
+
+      clmerge data prepare cifar100 --src cifar-100-python.tar.gz --dst data
+    """
+
+    def action() -> Path:
+        from clmerge.data.prepare import prepare
+
+        return prepare(name, src, dst, seed, test_fraction)
+
+    path = _guard(action)
+    typer.echo(f"prepared {name} at {path}; check it with `clmerge data check {name} --root {dst}`")
+
+
+@data_app.command("check")
+def data_check(name: DatasetName, root: DataRoot = Path("data"),
+               decode: Annotated[bool, typer.Option("--decode", help="Also decode every image.")] = False) -> None:
+    """Validate a prepared dataset and print its class and image counts per split (and domain).
+
+    [bold]Examples[/bold]
+
+      clmerge data check domainnet --root data
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    def action() -> list[Any]:
+        from clmerge.data.check import check
+
+        return check(name, root, decode)
+
+    rows = _guard(action)
+    table = Table(title=f"{name} under {root}")
+    for column in ("split", "domain", "classes", "images"):
+        table.add_column(column, justify="right" if column in ("classes", "images") else "left")
+    for row in rows:
+        table.add_row(row.split, row.domain or "all", str(row.classes), str(row.images))
+    Console().print(table)
+
+
+@data_app.command("list")
+def data_list() -> None:
+    """List the real datasets, their directories under the data root and what `prepare --src` takes."""
+    from clmerge.data.catalog import SPECS
+
+    for spec in SPECS.values():
+        typer.echo(f"{spec.name:<11} {spec.title:<13} {spec.directory:<17} --src: {spec.source}")
 
 
 def _print_version(value: bool) -> None:

@@ -37,12 +37,18 @@ class BenchmarkConfig:
     """A task sequence: which data, which setting, which order."""
 
     name: str = MISSING
-    setting: str = MISSING  # class_incremental | domain_incremental
-    dataset: str = MISSING  # "world" or a real dataset name
+    setting: str = MISSING  # class_incremental | domain_incremental | multi_dataset
+    dataset: str = MISSING  # "world" or a real dataset name (docs/benchmarks.md); "multi" for multi_dataset
     num_tasks: int = 5
-    class_order: Optional[list[int]] = None  # None = natural order 0..C-1
+    # class-incremental order: reference | seeded | natural (= null) | an explicit permutation [i, j, ...]
+    class_order: Any = "reference"
     domains: list[str] = field(default_factory=list)  # domain-incremental: one domain per task, in order
-    templates: str = MISSING  # key of the prompt-template set
+    datasets: list[str] = field(default_factory=list)  # multi_dataset: one dataset per task, in order
+    task_order: str = "listed"  # domains / datasets: listed (as above) | seeded (shuffled with the run seed)
+    templates: str = MISSING  # key of the prompt-template set; "default" = each dataset's reference set
+    epochs: Optional[int] = 10  # the reference's epochs per task; finetune=reference uses it
+    dataset_epochs: dict[str, int] = field(default_factory=dict)  # multi_dataset: epochs per dataset
+    skip_corrupt: bool = False  # drop unreadable images (with a warning) instead of failing on them
     world: WorldDataConfig = field(default_factory=WorldDataConfig)
 
 
@@ -56,7 +62,7 @@ class FinetuneConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     batch_size: int = 128
-    epochs: int = 10  # per task; ignored when `steps` is set
+    epochs: Optional[int] = 10  # per task; null = the benchmark's (per-task) epochs; ignored when `steps` is set
     steps: Optional[int] = None  # optimizer steps per task (overrides epochs)
     warmup_steps: int = 500  # linear warmup length, restarted every task
     warmup_ratio: Optional[float] = None  # if set: warmup = ceil(ratio * steps of the task), overrides warmup_steps
@@ -122,5 +128,5 @@ class PretrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-SETTINGS = ("class_incremental", "domain_incremental")
+SETTINGS = ("class_incremental", "domain_incremental", "multi_dataset")
 REGIMES = ("sequential", "independent")

@@ -15,17 +15,17 @@ from rich.console import Console
 
 from clmerge import report
 from clmerge.benchmarks import Benchmark, build_benchmark
+from clmerge.benchmarks.head import benchmark_head
 from clmerge.config import Config
 from clmerge.data.registry import derived_seed, task_split
 from clmerge.errors import UserError
 from clmerge.evaluation.evaluate import evaluate_all
 from clmerge.merging.engine import check_finite
-from clmerge.merging.job import alpha_for, merged_steps
-from clmerge.models.heads import zero_shot_head
+from clmerge.merging.job import Deployment, configured_alpha, export, merged_store, method_store, record_auto, resolve
 from clmerge.models.loading import LoadedModel, load_model
 from clmerge.models.tower import freeze_all_but_tower, load_tower, snapshot, task_vector
 from clmerge.store import BASE_FILE, finetune_dir, finished_finetune, task_file
-from clmerge.training.finetune import check_recipe, task_recipe, train_task
+from clmerge.training.finetune import check_recipe, effective_recipe, task_recipe, train_task
 from clmerge.training.precision import resolve_device
 
 
@@ -37,7 +37,7 @@ def _prepare(cfg: Config) -> torch.device:
 
 
 def _model_and_benchmark(cfg: Config, device: torch.device) -> tuple[LoadedModel, Benchmark]:
-    benchmark = build_benchmark(cfg.benchmark)
+    benchmark = build_benchmark(cfg.benchmark, cfg.paths.data, cfg.seed)
     return load_model(cfg.model, device, init_seed=derived_seed(cfg.seed, "init")), benchmark
 
 
@@ -57,8 +57,9 @@ def finetune(cfg: Config, console: Console) -> Path:
         else:
             store.manifest["benchmark"] = benchmark.to_json()
             store.save(BASE_FILE, base, role="theta_0")
-        head_all = zero_shot_head(loaded.model, loaded.tokenizer, benchmark.classnames, benchmark.templates, device)
-        restrict = benchmark.setting == "class_incremental"
+        recipes = [effective_recipe(cfg.finetune, task.epochs) for task in benchmark.tasks]
+        head_all = benchmark_head(loaded.model, loaded.tokenizer, benchmark, device)
+        restrict = benchmark.setting != "domain_incremental"  # a task's own classes (SPEC.md 3.3)
         with report.training_progress(console) as progress:
             for task in benchmark.tasks:
                 name = task_file(task.index)
@@ -68,10 +69,11 @@ def finetune(cfg: Config, console: Console) -> Path:
                 start = store.load(task_file(task.index - 1)) if (
                     cfg.finetune.regime == "sequential" and task.index > 0) else None
                 load_tower(loaded.model, base, start)
-                dataset = task_split(cfg.benchmark, task, "train", cfg.seed)
+                dataset = task_split(cfg.benchmark, task, "train", cfg.seed, cfg.paths.data, loaded.train_transform)
+                recipe = recipes[task.index]
                 stats = train_task(loaded.model, params, task_recipe(head_all, task.classes, restrict), dataset,
-                                   cfg.finetune, derived_seed(cfg.seed, "shuffle", task.index), device,
-                                   on_step=report.task_bar(progress, task.name, cfg.finetune, len(dataset)))
+                                   recipe, derived_seed(cfg.seed, "shuffle", task.index), device,
+                                   on_step=report.task_bar(progress, task.name, recipe, len(dataset)))
                 tau = task_vector(loaded.model, base)
                 check_finite(tau, f"the task vector of {task.name}")
                 store.save(name, tau, task=task.name, **asdict(stats))
@@ -82,14 +84,31 @@ def finetune(cfg: Config, console: Console) -> Path:
 
 def merge(cfg: Config, console: Console, methods: Optional[list[str]] = None,
           output_dir: Optional[Path] = None) -> dict[str, Path]:
-    """Merge the task vectors with each method (default: cfg.merge.method); writes merge.json to output_dir."""
+    """Merge the task vectors with each method (default: cfg.merge.method), resolve lambda (merge.alpha=auto:
+    on validation data) and export if merge.export is set; writes merge.json to output_dir."""
     names = methods or [cfg.merge.method]
-    num_tasks = len(build_benchmark(cfg.benchmark).tasks)
-    dirs = {name: merged_steps(cfg, name, num_tasks, console).path for name in names}
+    benchmark = build_benchmark(cfg.benchmark, cfg.paths.data, cfg.seed)
+    num_tasks = len(benchmark.tasks)
+    if cfg.merge.export and len(names) > 1:
+        raise UserError("--export writes one model; merge one method at a time")
+    stores = {name: merged_store(cfg, name, num_tasks, console) for name in names}
+    needs_model = cfg.merge.export or any(configured_alpha(cfg, name) == "auto" for name in names)
+    deployment = None
+    if needs_model:
+        device = _prepare(cfg)
+        deployment = Deployment(cfg, load_model(cfg.model, device, init_seed=derived_seed(cfg.seed, "init")),
+                                benchmark, device)
+    record = {}
+    for name, store in stores.items():
+        alpha, curve = resolve(cfg, name, deployment)
+        record[name] = {"store": str(store.path), "alpha": alpha, **record_auto(store, curve)}
+        if cfg.merge.export and deployment is not None:
+            path = export(deployment, name, store, alpha, Path(cfg.merge.export))
+            record[name]["export"] = str(path)
+            console.print(f"exported {name} (lambda={alpha:g}) to {path}")
     if output_dir is not None:
-        record = {name: {"store": str(path), "alpha": alpha_for(cfg, name)} for name, path in dirs.items()}
         report.write_json(output_dir / "merge.json", {"finetune": str(finetune_dir(cfg).path), "methods": record})
-    return dirs
+    return {name: store.path for name, store in stores.items()}
 
 
 def evaluate(cfg: Config, console: Console, output_dir: Path, timings: Optional[dict[str, float]] = None) -> dict:
@@ -98,7 +117,8 @@ def evaluate(cfg: Config, console: Console, output_dir: Path, timings: Optional[
     loaded, benchmark = _model_and_benchmark(cfg, device)
     num_tasks = len(benchmark.tasks)
     source = finished_finetune(cfg, num_tasks)
-    merges = {name: (merged_steps(cfg, name, num_tasks, console), alpha_for(cfg, name)) for name in cfg.eval.methods}
+    deployment = Deployment(cfg, loaded, benchmark, device)
+    merges = {name: (method_store(cfg, name), resolve(cfg, name, deployment)[0]) for name in cfg.eval.methods}
     start = time.perf_counter()
     methods = evaluate_all(cfg, benchmark, loaded, source, merges, device, console)
     timings = {**(timings or {}), "eval": time.perf_counter() - start}

@@ -1,27 +1,39 @@
-"""Dataset registry: class names, domains, templates and per-task splits of every known dataset."""
+"""Dataset registry: class names, domains, templates and per-task splits of every known dataset.
+
+The built-in synthetic world renders its own model-ready tensors; real datasets (docs/benchmarks.md) are
+read from their prepared layout under the data root and go through the model's transform.
+"""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from clmerge.benchmarks.types import Task
 from clmerge.config import BenchmarkConfig
+from clmerge.data import catalog, reference
+from clmerge.data.images import Transform
 from clmerge.errors import UserError
 
-DATASETS = ("world",)
+if TYPE_CHECKING:
+    from clmerge.benchmarks.types import Task
+
+DATASETS = ("world", *catalog.SPECS)
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
     """What a benchmark needs to know about a dataset before loading any image."""
 
-    classnames: tuple[str, ...]
+    classnames: tuple[str, ...]  # prompt names in label order; empty when built without the data root
     domains: tuple[str, ...]
     templates: tuple[str, ...]
+    num_classes: int
+    class_order: Optional[list[int]] = None  # the reference class order; None = natural
 
 
 def derived_seed(seed: int, *purpose: object) -> int:
@@ -30,27 +42,54 @@ def derived_seed(seed: int, *purpose: object) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
-def dataset_info(dataset: str, templates: str) -> DatasetInfo:
-    """Class names, domains and the template set `templates` of `dataset`."""
-    if dataset != "world":
-        raise UserError(f"unknown dataset '{dataset}'; valid datasets: {', '.join(DATASETS)}")
-    from clmerge.data import world
+def dataset_info(dataset: str, templates: str, root: Optional[Path | str] = None) -> DatasetInfo:
+    """Class names, domains and the template set `templates` of `dataset`.
 
-    if templates not in world.TEMPLATES:
-        raise UserError(f"unknown template set '{templates}' for dataset world; "
-                        f"valid: {', '.join(sorted(world.TEMPLATES))}")
-    return DatasetInfo(tuple(world.CLASSNAMES), tuple(world.DOMAINS), tuple(world.TEMPLATES[templates]))
+    For a real dataset, `templates="default"` is the reference's set for it, and the class names are read
+    from the prepared data under `root` (left empty when `root` is None: only the structure is known).
+    """
+    if dataset == "world":
+        from clmerge.data import world
+
+        if templates not in world.TEMPLATES:
+            raise UserError(f"unknown template set '{templates}' for dataset world; "
+                            f"valid: {', '.join(sorted(world.TEMPLATES))}")
+        return DatasetInfo(tuple(world.CLASSNAMES), tuple(world.DOMAINS), tuple(world.TEMPLATES[templates]),
+                           len(world.CLASSNAMES))
+    from clmerge.data.real import classnames
+
+    spec = catalog.spec(dataset)
+    key = reference.template_key(spec.reference) if templates == "default" else templates
+    names = classnames(dataset, Path(root)) if root is not None else ()
+    return DatasetInfo(names, spec.domains(), reference.templates(key), spec.num_classes,
+                       reference.class_order(spec.reference))
 
 
-def task_split(cfg: BenchmarkConfig, task: Task, split: str, seed: int) -> Dataset:
-    """The images of `task` in `split` ("train", "val" or "test"), as model-ready tensors with global labels."""
-    if cfg.dataset != "world":
-        raise UserError(f"unknown dataset '{cfg.dataset}'; valid datasets: {', '.join(DATASETS)}")
-    from clmerge.data import world
+def task_split(cfg: BenchmarkConfig, task: Task, split: str, seed: int, root: Path | str = "data",
+               transform: Optional[Transform] = None) -> Dataset:
+    """The images of `task` in `split` ("train", "val" or "test") with global labels.
 
-    per_class = {"train": cfg.world.train_per_class, "val": cfg.world.val_per_class,
-                 "test": cfg.world.test_per_class}[split]
-    domain = task.domain or cfg.world.domain
-    images, labels = world.render_split(task.classes, domain, per_class,
-                                        derived_seed(seed, "data", task.index), split)
-    return TensorDataset(world.to_model_input(images), labels.to(torch.int64))
+    World images come as model-ready tensors; real images go through `transform` (the model's train
+    transform for training, its eval transform for every evaluation).
+    """
+    dataset = task.dataset or cfg.dataset
+    if dataset == "world":
+        from clmerge.data import world
+
+        per_class = {"train": cfg.world.train_per_class, "val": cfg.world.val_per_class,
+                     "test": cfg.world.test_per_class}[split]
+        domain = task.domain or cfg.world.domain
+        images, labels = world.render_split(task.classes, domain, per_class,
+                                            derived_seed(seed, "data", task.index), split)
+        return TensorDataset(world.to_model_input(images), labels.to(torch.int64))
+    from clmerge.data.real import load_split
+
+    if transform is None:
+        raise ValueError("real images need the model's transform")
+    local = [c - task.label_offset for c in task.classes]
+    data = load_split(dataset, Path(root), split, transform, local, task.domain, task.label_offset,
+                      cfg.skip_corrupt)
+    if len(data) == 0:
+        raise UserError(f"task {task.name} has no {split} images in the prepared {dataset} under {root}; "
+                        f"check it with `clmerge data check {dataset} --root {root}`")
+    return data

@@ -8,13 +8,14 @@ import torch
 from rich.console import Console
 
 from clmerge.benchmarks import Benchmark
+from clmerge.benchmarks.head import benchmark_head
 from clmerge.config import Config
 from clmerge.data.registry import task_split
 from clmerge.evaluation.accuracy import Counts, TestSet, collect_test_set, count_correct
-from clmerge.models.heads import zero_shot_head
 from clmerge.models.loading import LoadedModel
 from clmerge.models.tower import load_tower
-from clmerge.store import BASE_FILE, CheckpointDir, step_file, task_file
+from clmerge.merging.job import fold
+from clmerge.store import BASE_FILE, CheckpointDir, task_file
 
 Tensors = dict[str, torch.Tensor]
 
@@ -35,8 +36,9 @@ def evaluate_all(cfg: Config, benchmark: Benchmark, loaded: LoadedModel, source:
     model = loaded.model
     base = source.load(BASE_FILE)
     load_tower(model, base)
-    head = zero_shot_head(model, loaded.tokenizer, benchmark.classnames, benchmark.templates, device)
-    test = collect_test_set([task_split(cfg.benchmark, task, "test", cfg.seed) for task in benchmark.tasks],
+    head = benchmark_head(model, loaded.tokenizer, benchmark, device)
+    test = collect_test_set([task_split(cfg.benchmark, task, "test", cfg.seed, cfg.paths.data,
+                                       loaded.eval_transform) for task in benchmark.tasks],
                             [task.classes for task in benchmark.tasks], benchmark.num_classes)
     steps = range(len(benchmark.tasks))
 
@@ -49,9 +51,9 @@ def evaluate_all(cfg: Config, benchmark: Benchmark, loaded: LoadedModel, source:
             load_tower(model, base, source.load(task_file(t)))
             yield
 
-    def merged(store: CheckpointDir, alpha: float) -> Iterator[None]:
-        for t in steps:
-            load_tower(model, base, store.load(step_file(t + 1)), scale=alpha)
+    def merged(method: str, alpha: float) -> Iterator[None]:
+        for _, vector in fold(cfg, method, len(steps)):  # m_t folded on the fly, one pass over the tasks
+            load_tower(model, base, vector, scale=alpha)
             yield
 
     results: dict[str, dict] = {}
@@ -60,9 +62,11 @@ def evaluate_all(cfg: Config, benchmark: Benchmark, loaded: LoadedModel, source:
         results["zero_shot"] = {"alpha": 0.0, **{k: v * len(steps) for k, v in row.items()}}
         name = "seq_ft" if cfg.finetune.regime == "sequential" else "ind_ft"
         results[name] = {"alpha": 1.0, **_rows(model, head, test, cfg, device, finetuned())}
-    for method, (store, alpha) in merges.items():
+    for method, (_, alpha) in merges.items():
         console.print(f"evaluating {method} (lambda={alpha:g}) after each of {len(steps)} steps")
-        results[method] = {"alpha": alpha, **_rows(model, head, test, cfg, device, merged(store, alpha))}
+        results[method] = {"alpha": alpha, **_rows(model, head, test, cfg, device, merged(method, alpha))}
     for entry in results.values():
         entry["test_sizes"] = test.sizes()
+        if benchmark.own_heads:  # multi-dataset: each task is scored with its own head only (SPEC.md 5)
+            entry["correct"] = entry["correct_task_aware"]
     return results

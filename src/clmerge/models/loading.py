@@ -1,11 +1,19 @@
-"""Load an open_clip model, its tokenizer and transforms from a `ModelConfig`."""
+"""Load an open_clip model, its tokenizer and transforms from a `ModelConfig`.
+
+`model.pretrained` is one of: `builtin` (the shipped world-tiny weights), `none` (random init), an
+open_clip tag (fetched by open_clip, or found in its cache), a local `.safetensors` or `.pt`/`.pth`/`.bin`
+state dict (`.pt` read with `torch.load(weights_only=True)`, never unpickling objects), or
+`local-dir:<dir>` (open_clip_config.json + open_clip_model.safetensors; `model.name` is then a label).
+"""
 
 from __future__ import annotations
 
+import logging
+import pickle
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import open_clip
 import torch
@@ -14,6 +22,8 @@ from clmerge.config import ModelConfig
 from clmerge.errors import UserError
 
 BUILTIN_MODEL = "world-tiny"
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+_WEIGHT_ERRORS = ("Failed to download", "state_dict", "weights_only", "Weights only", "TorchScript", "Unpickl")
 
 
 def _assets() -> Path:
@@ -40,22 +50,56 @@ class LoadedModel:
     eval_transform: Any
 
 
-def _resolve_pretrained(cfg: ModelConfig) -> str | None:
-    if cfg.pretrained == "builtin":
+def _local_dir(value: str) -> str:
+    folder = Path(value.removeprefix("local-dir:")).expanduser()
+    if not (folder / "open_clip_config.json").is_file():
+        raise UserError(f"model.pretrained={value}: {folder} holds no open_clip_config.json; a local-dir: folder "
+                        "needs open_clip_config.json (model_cfg, preprocess_cfg) and open_clip_model.safetensors")
+    return f"local-dir:{folder}"
+
+
+def _resolve(cfg: ModelConfig) -> tuple[str, Optional[str]]:
+    """The open_clip model name and `pretrained` argument for `cfg`."""
+    value = cfg.pretrained
+    if value.startswith("local-dir:"):
+        return _local_dir(value), None
+    if cfg.name not in open_clip.list_models():
+        raise UserError(f"unknown model '{cfg.name}'; use an open_clip model name such as ViT-B-16, "
+                        f"or {BUILTIN_MODEL}")
+    if value == "builtin":
         if cfg.name != BUILTIN_MODEL:
             raise UserError(f"model.pretrained=builtin exists only for model.name={BUILTIN_MODEL}; "
                             f"pass a weights file with model.pretrained=/path/to/weights.safetensors")
         if not builtin_weights().exists():
             raise UserError(f"the built-in weights {builtin_weights()} are missing; reinstall clmerge or "
                             f"regenerate them with `clmerge pretrain output={builtin_weights()}`")
-        return str(builtin_weights())
-    if cfg.pretrained in ("", "none", "random"):
-        return None
-    local = cfg.pretrained.removeprefix("local-dir:")
-    looks_like_path = cfg.pretrained.startswith("local-dir:") or "/" in local or Path(local).suffix
-    if looks_like_path and not Path(local).exists():
-        raise UserError(f"model.pretrained file {local} does not exist; pass an existing .safetensors/.pt file")
-    return cfg.pretrained
+        return cfg.name, str(builtin_weights())
+    if value in ("", "none", "random"):
+        return cfg.name, None
+    path = Path(value).expanduser()
+    if path.suffix in WEIGHT_SUFFIXES or "/" in value:
+        if not path.is_file():
+            raise UserError(f"model.pretrained file {path} does not exist; pass an existing .safetensors/.pt file")
+        return cfg.name, str(path)
+    tags = open_clip.list_pretrained_tags_by_model(cfg.name)
+    if value not in tags:
+        raise UserError(f"'{value}' is not a pretrained tag of {cfg.name} (tags: {', '.join(tags) or 'none'}); "
+                        "or pass a local file: model.pretrained=/path/to/weights.safetensors")
+    return cfg.name, value
+
+
+def _load_error(cfg: ModelConfig, err: Exception) -> UserError:
+    """A one-line error for weights that cannot be fetched or read."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if "Failed to download" in first:
+        return UserError(f"cannot fetch the '{cfg.pretrained}' weights of {cfg.name} (offline, or the hub is "
+                         f"unreachable); download them once on a connected machine, or pass a local file: "
+                         f"model.pretrained=/path/to/{cfg.name}.safetensors (or a .pt state dict, or local-dir:<dir>)")
+    if isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err) or "TorchScript" in str(err):
+        return UserError(f"{cfg.pretrained} is not a plain state dict: .pt files are read with weights_only=True "
+                         "and never unpickled; save the model's state_dict() (or .safetensors) and pass that")
+    return UserError(f"cannot load model.pretrained={cfg.pretrained} into {cfg.name}: {first[:300]}; "
+                     "check that the weights match model.name")
 
 
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", init_seed: int = 0) -> LoadedModel:
@@ -64,13 +108,19 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", init_seed: 
     With `pretrained=none` the random initialisation is drawn from `init_seed`, so it is reproducible.
     """
     register_builtin_configs()
-    if cfg.name not in open_clip.list_models():
-        raise UserError(f"unknown model '{cfg.name}'; use an open_clip model name such as ViT-B-16, "
-                        f"or {BUILTIN_MODEL}")
-    pretrained = _resolve_pretrained(cfg)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(init_seed)
-        model, train_tf, eval_tf = open_clip.create_model_and_transforms(
-            cfg.name, pretrained=pretrained, device=device, force_quick_gelu=cfg.force_quick_gelu)
-    tokenizer = open_clip.get_tokenizer(cfg.name)
+    name, pretrained = _resolve(cfg)
+    quiet = logging.root.manager.disable
+    logging.disable(logging.ERROR)  # open_clip logs a failed download before raising; we say it in one line
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            model, train_tf, eval_tf = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, device=device, force_quick_gelu=cfg.force_quick_gelu)
+    except (RuntimeError, ValueError, KeyError, OSError, pickle.UnpicklingError) as err:
+        if isinstance(err, RuntimeError) and not any(key in str(err) for key in _WEIGHT_ERRORS):
+            raise  # not about the weights (e.g. out of memory)
+        raise _load_error(cfg, err) from None
+    finally:
+        logging.disable(quiet)
+    tokenizer = open_clip.get_tokenizer(name)
     return LoadedModel(model=model, tokenizer=tokenizer, train_transform=train_tf, eval_transform=eval_tf)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -60,13 +60,23 @@ def steps_per_task(cfg: FinetuneConfig, num_examples: int) -> int:
     return cfg.epochs * math.ceil(num_examples / cfg.batch_size)
 
 
+def effective_recipe(cfg: FinetuneConfig, task_epochs: Optional[int]) -> FinetuneConfig:
+    """The recipe of one task: `finetune.epochs`, or the benchmark's epochs for the task when that is null."""
+    if cfg.steps is not None or cfg.epochs is not None:
+        return cfg
+    if task_epochs is None:
+        raise UserError("finetune.epochs is null and the benchmark sets no epochs for this task; "
+                        "set finetune.epochs=N (or benchmark.epochs=N)")
+    return replace(cfg, epochs=task_epochs)
+
+
 def check_recipe(cfg: FinetuneConfig) -> None:
     """Reject recipe values no run could use."""
     if cfg.batch_size < 1:
         raise UserError(f"finetune.batch_size must be at least 1, got {cfg.batch_size}")
     if cfg.steps is not None and cfg.steps < 1:
         raise UserError(f"finetune.steps must be at least 1 (or null to use epochs), got {cfg.steps}")
-    if cfg.steps is None and cfg.epochs < 1:
+    if cfg.steps is None and cfg.epochs is not None and cfg.epochs < 1:
         raise UserError(f"finetune.epochs must be at least 1, got {cfg.epochs}")
     if cfg.lr <= 0:
         raise UserError(f"finetune.lr must be positive, got {cfg.lr}")
