@@ -55,7 +55,7 @@ def write_cifar100(root: Path) -> Fake:
     return archive, (100, 100)
 
 
-IMAGENET_R_CLASSES = [186, 157, 117, 1]  # two from each half of the reference order
+IMAGENET_R_CLASSES = [CUB_ORDER[i] for i in (0, 1, 100, 101)]  # two per half of the reference order (= CUB's)
 IMAGENET_R_DOMAINS = ("tattoo", "sketch", "art")
 
 
