@@ -75,7 +75,7 @@ def test_forward_to_hydra_rewrites_argv_once_and_restores_it(monkeypatch: pytest
 
 
 @pytest.mark.parametrize(("args", "fragments"), [
-    (["merge", "--method", "magmx"], ["unknown merge method 'magmx'", "average, magmax"]),
+    (["merge", "--method", "magmx"], ["unknown merge method 'magmx'", "average, dare", "magmax, random_mix"]),
     (["run", "--benchmark", "cifar"], ["unknown benchmark 'cifar'", "class_incremental/world"]),
     (["finetune", "model=vit"], ["unknown model 'vit'", "world_tiny"]),
     (["finetune", "finetune.lr=fast"], ["finetune.lr=fast", "could not be converted to Float"]),
@@ -153,4 +153,5 @@ def test_the_entry_point_runs_without_warnings(tmp_path: Path) -> None:
         assert result.returncode == 0 and result.stderr == "", (args, result.stderr)
     result = run_clmerge(["merge", "--method", "nope"], cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr == "error: unknown merge method 'nope'; valid merge methods: average, magmax\n"
+    assert result.stderr == ("error: unknown merge method 'nope'; valid merge methods: average, dare, dare_average, "
+                             "dare_magmax, dare_ties, last, magmax, random_mix, task_arithmetic, ties\n")

@@ -143,26 +143,42 @@ def finetune(overrides: Overrides = None, benchmark: Benchmark = None, seed: See
     _launch("finetune", _options(benchmark, seed), overrides, multirun, cfg)
 
 
+def _quoted(value: Optional[Path]) -> Optional[str]:
+    """A value as a quoted Hydra string (paths may hold characters the override grammar reads)."""
+    return None if value is None else "'" + str(value).replace("'", "\\'") + "'"
+
+
 @app.command(context_settings=_PASS_THROUGH)
 def merge(overrides: Overrides = None,
           method: Annotated[Optional[str], typer.Option(
               "--method", metavar="NAME", show_default=False,
-              help="Merge method: magmax or average (= merge=NAME); with -m, a,b sweeps.")] = None,
+              help="Merge method (= merge=NAME): magmax, average, task_arithmetic, random_mix, ties, dare, "
+                   "dare_magmax, dare_average, dare_ties or last; with -m, a,b sweeps.")] = None,
+          export: Annotated[Optional[Path], typer.Option(
+              "--export", metavar="PATH", show_default=False,
+              help="Also write the final merged model as a full open_clip checkpoint (*.safetensors; "
+                   "load it with open_clip.create_model(NAME, pretrained=PATH)).")] = None,
           benchmark: Benchmark = None, seed: Seed = None, multirun: Multirun = False, cfg: Cfg = None) -> None:
-    """Merge the fine-tuned task vectors after every task with one merge method.
+    """Merge the fine-tuned task vectors with one merge method.
 
-    Reads the fine-tuning run of the same config from the store, writes the merged vectors next to it and
-    merge.json to the run directory.
+    Reads the fine-tuning run of the same config from the store, writes the final merged vector (every
+    step's too with merge.save_steps=true) and diagnostics next to it, and merge.json to the run directory.
+    merge.alpha=auto picks lambda on validation data (benchmark.world.val_per_class > 0).
 
     [bold]Examples[/bold]
 
       clmerge merge --method magmax
 
-      clmerge merge --method average merge.alpha=0.8
+      clmerge merge --method ties merge.alpha=0.8 merge.ties.scope=tensor
+
+      clmerge merge --method average merge.alpha=auto benchmark.world.val_per_class=10
+
+      clmerge merge --method magmax --export merged.safetensors
 
       clmerge merge -m --method magmax,average
     """
-    _launch("merge", _options(benchmark, seed, merge=method), overrides, multirun, cfg)
+    _launch("merge", _options(benchmark, seed, merge=method, **{"merge.export": _quoted(export)}), overrides,
+            multirun, cfg)
 
 
 @app.command("eval", context_settings=_PASS_THROUGH)

@@ -73,11 +73,33 @@ class FinetuneConfig:
 
 
 @dataclass
+class TiesConfig:
+    """TIES trimming (SPEC.md 2.2); the defaults reproduce the reference (top 20 % of the full model)."""
+
+    k: float = 0.2  # keep floor(k * N_ref) entries (plus ties) per task vector
+    scope: str = "global"  # global: one threshold over the whole vector | tensor: one per tensor
+    k_denominator: str = "full_model"  # N_ref, global scope: full_model (every floating entry) | stored
+
+
+@dataclass
+class DareConfig:
+    """DARE random drop (Yu et al. 2024)."""
+
+    p: float = 0.5  # drop probability; kept entries are rescaled by 1 / (1 - p)
+
+
+@dataclass
 class MergeConfig:
-    """One merge method and its coefficient."""
+    """One merge method, its coefficient and the knobs of its parts."""
 
     method: str = "magmax"
-    alpha: Optional[float] = None  # lambda; None = the method's documented default
+    alpha: Any = None  # lambda: a number, null = the method's documented default, or auto (grid on validation data)
+    alpha_grid: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0,
+                                                             1.25, 1.5])  # lambdas tried by alpha=auto
+    ties: TiesConfig = field(default_factory=TiesConfig)
+    dare: DareConfig = field(default_factory=DareConfig)
+    save_steps: bool = False  # `clmerge merge` also stores m_t of every step (eval folds them on the fly anyway)
+    export: Optional[str] = None  # write the final merged model as a full open_clip checkpoint (.safetensors)
 
 
 @dataclass

@@ -266,14 +266,18 @@ def _preflight(command: str, cfg: AnyConfig) -> None:
     if not isinstance(cfg, Config):
         return
     from clmerge.benchmarks import build_benchmark
+    from clmerge.merging.alpha import check_validation_split, parse_alpha
     from clmerge.merging.methods import get_method
     from clmerge.training.finetune import check_recipe
 
     build_benchmark(cfg.benchmark)
     if command in ("finetune", "run"):
         check_recipe(cfg.finetune)
-    for method in {"merge": [cfg.merge.method], "eval": cfg.eval.methods, "run": cfg.eval.methods}.get(command, []):
+    methods = {"merge": [cfg.merge.method], "eval": cfg.eval.methods, "run": cfg.eval.methods}.get(command, [])
+    for method in methods:
         get_method(method)
+    if cfg.merge.method in methods and parse_alpha(cfg.merge.alpha) == "auto":
+        check_validation_split(cfg)
 
 
 def launch(command: str, args: list[str], multirun: bool = False) -> None:

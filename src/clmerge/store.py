@@ -154,6 +154,17 @@ class CheckpointDir:
             raise UserError(f"{file} does not match its sha256 in the manifest (damaged); delete it and rerun")
         return load_file(str(file))
 
+    def verified_path(self, name: str) -> Path:
+        """The path of a recorded file after checking its sha256, for readers that stream it themselves."""
+        if name not in self.manifest["files"]:
+            raise UserError(f"{self.path / name} is not recorded in the manifest; rerun the command that writes it")
+        file = self.path / name
+        if not file.exists():
+            raise UserError(f"{file} is missing; rerun the command that writes it")
+        if sha256_file(file) != self.manifest["files"][name]["sha256"]:
+            raise UserError(f"{file} does not match its sha256 in the manifest (damaged); delete it and rerun")
+        return file
+
     def info(self, name: str) -> dict[str, Any]:
         """The manifest record of a file."""
         return self.manifest["files"][name]
@@ -184,6 +195,7 @@ def step_file(step: int) -> str:
 
 
 BASE_FILE = "base.safetensors"
+FINAL_FILE = "final.safetensors"  # the merged vector after the last task
 
 
 def finetune_dir(cfg: Config) -> CheckpointDir:

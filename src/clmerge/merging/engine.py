@@ -1,40 +1,116 @@
-"""The merge engine: one pass over the task vectors, yielding the merged vector after every step.
+"""The merge engine: one pass over the task vectors, tensor by tensor, yielding m_t after every step.
 
-Task-major fold: the state holds one vector, so memory stays at about three task vectors whatever
-the number of tasks, and all T per-step merges cost one pass (O(T), not O(T^2)).
+Task-major fold: task t's tensors are read one at a time into a reused buffer and folded into the
+state, so memory is the state (1 vector; TIES 2.5) plus one tensor, whatever the number of tasks, and all
+T per-step merges cost one pass (O(T), not O(T^2)). Global TIES trimming reads each task twice more in
+part: a small sample brackets the threshold, one pass finds it exactly (clmerge.merging.select).
+Integer and boolean tensors are never merged: they pass through from the first task untouched.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Iterator, Optional, Sequence
 
 import torch
 
 from clmerge.errors import UserError
-from clmerge.merging.methods import MergeMethod
+from clmerge.merging.methods import MergeMethod, MergeParams
+from clmerge.merging.parts import Step, TopK
+from clmerge.merging.reader import check_compatible, check_finite_tensor
+from clmerge.merging.select import DIRECT, Bracket, bracket
+from clmerge.merging.sources import Source
 
 Tensors = dict[str, torch.Tensor]
+SAMPLE_BLOCKS, BLOCK = 1024, 256  # global-threshold sample: about this many blocks of this many entries
 
 
 def check_finite(vector: Tensors, where: str) -> None:
-    """Reject NaN/Inf entries (|NaN| >= x is false, so MagMax would drop them silently)."""
+    """Refuse a vector with NaN/Inf entries, naming `where` and the first bad tensor."""
     for name, tensor in vector.items():
-        if not torch.isfinite(tensor).all():
-            raise UserError(f"{where} has non-finite entries in {name}; re-run the fine-tuning that wrote it")
+        check_finite_tensor(tensor, where, name)
 
 
-def merge_steps(load_task: Callable[[int], Tensors], num_tasks: int,
-                method: MergeMethod) -> Iterator[tuple[int, Tensors]]:
-    """Yield (t, m_t) for t = 1..num_tasks, folding tau_t = load_task(t - 1) in task order."""
-    if num_tasks < 1:
+class _Reader:
+    """Reads one source's floating tensors as fp32 into one reused buffer (valid until the next read)."""
+
+    def __init__(self, sizes: Sequence[int]):
+        self.buffers: dict[torch.dtype, torch.Tensor] = {}
+        self.largest = max(sizes, default=0)
+
+    def _buffer(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self.buffers:
+            self.buffers[dtype] = torch.empty(self.largest, dtype=dtype)
+        return self.buffers[dtype]
+
+    def read(self, source: Source, name: str, start: int = 0, count: int = -1) -> torch.Tensor:
+        tensor = source.read_into(name, self._buffer(source.entries[name].dtype), start, count)
+        return tensor if tensor.dtype == torch.float32 else tensor.float()
+
+
+def _global_threshold(source: Source, names: list[str], topk: TopK, reader: _Reader) -> Optional[float]:
+    """thr of one task vector over all its floating tensors (None: keep everything), exact."""
+    sizes = {name: source.entries[name].numel for name in names}
+    total = sum(sizes.values())
+    rank = topk.rank(total)
+    if rank < 1:
+        return None
+    if total <= DIRECT:
+        values = torch.cat([reader.read(source, name).abs().reshape(-1) for name in names])
+        return float(values.kthvalue(rank).values)
+    samples = []
+    for name, size in sizes.items():
+        blocks = max(1, round(SAMPLE_BLOCKS * size / total))
+        length = min(size, BLOCK)
+        for i in range(blocks):
+            start = (size - length) * i // max(blocks - 1, 1)
+            samples.append(reader.read(source, name, start, length).abs())
+    found = bracket(torch.cat(samples), rank, total)
+    for name in names:
+        tau = reader.read(source, name)
+        check_finite_tensor(tau, str(source.path), name)
+        found.scan(tau.abs())
+    picked = found.pick(rank)
+    if picked is None:  # unlucky sample: exact fallback over the whole vector
+        whole = Bracket(None, None)
+        for name in names:
+            whole.scan(reader.read(source, name).abs())
+        picked = whole.pick(rank)
+    return picked
+
+
+def merge_steps(sources: Sequence[Source], method: MergeMethod, params: MergeParams = MergeParams(),
+                every_step: bool = True) -> Iterator[tuple[int, Tensors]]:
+    """Yield (t, m_t) for t = 1..T (only t = T unless `every_step`), folding the sources in task order.
+
+    A yielded vector may share storage with the state: it is valid until the next step; copy what you keep.
+    """
+    if not sources:
         raise UserError("there are no task vectors to merge; run `clmerge finetune` first")
-    state: dict[str, torch.Tensor | None] = {}
-    for t in range(1, num_tasks + 1):
-        tau = load_task(t - 1)
-        check_finite(tau, f"task vector {t}")
-        if state and set(tau) != set(state):
-            raise UserError(f"task vector {t} has different tensors from task vector 1; "
-                            "the store mixes runs of different models")
-        for name, tensor in tau.items():
-            state[name] = method.update(state.get(name), tensor.float(), t)
-        yield t, {name: method.finalize(value, t) for name, value in state.items()}
+    check_compatible(list(sources))
+    first = sources[0]
+    names = [name for name, entry in first.entries.items() if entry.dtype.is_floating_point]
+    passthrough = {name: first.read(name) for name, entry in first.entries.items()
+                   if not entry.dtype.is_floating_point}
+    reader = _Reader([first.entries[name].numel for name in names])
+    sparsifier = method.sparsifier(params)
+    combiner, num_tasks = method.combiner, len(sources)
+    state: dict[str, object] = {}
+    for t, source in enumerate(sources, start=1):
+        threshold = (_global_threshold(source, names, sparsifier, reader)
+                     if isinstance(sparsifier, TopK) and sparsifier.scope == "global" else None)
+        for name in names:
+            tau = reader.read(source, name)
+            check_finite_tensor(tau, str(source.path), name)
+            step = Step(name, t, num_tasks, params.seed, threshold)
+            if sparsifier is not None:
+                tau = sparsifier(tau, step)
+            state[name] = combiner.update(state.get(name), tau, step)
+        if every_step or t == num_tasks:
+            majority = sum(combiner.majority(s) for s in state.values()) if combiner.majority else 0.0
+            merged = {name: combiner.finalize(state[name], t, majority) for name in names}
+            yield t, {**merged, **passthrough}
+
+
+def merge_final(sources: Sequence[Source], method: MergeMethod, params: MergeParams = MergeParams()) -> Tensors:
+    """m_T alone."""
+    return next(merge_steps(sources, method, params, every_step=False))[1]

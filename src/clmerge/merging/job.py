@@ -1,36 +1,161 @@
-"""The merge job: fold a method over a finished fine-tuning run and keep the merged vectors in the store."""
+"""The merge job: fold a method over a finished fine-tuning run, store m_T (and m_t when asked) with
+diagnostics, resolve lambda (a number, the default, or auto) and export the merged model."""
 
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Optional
 
+import open_clip
+import torch
 from rich.console import Console
 
-from clmerge.config import Config
-from clmerge.merging.engine import merge_steps
-from clmerge.merging.methods import get_method, resolve_alpha
-from clmerge.store import CheckpointDir, finished_finetune, merge_dir, step_file, task_file
+from clmerge.benchmarks import Benchmark
+from clmerge.config import Config, ModelConfig
+from clmerge.errors import UserError
+from clmerge.merging.alpha import AlphaCurve, alpha_curve, parse_alpha
+from clmerge.merging.diagnostics import diagnostics
+from clmerge.merging.engine import merge_final, merge_steps
+from clmerge.merging.methods import MergeMethod, MergeParams, get_method, resolve_alpha
+from clmerge.merging.reader import TensorFile
+from clmerge.models.loading import LoadedModel, register_builtin_configs
+from clmerge.store import (BASE_FILE, FINAL_FILE, CheckpointDir, finished_finetune, merge_dir, step_file,
+                           task_file)
+
+Tensors = dict[str, torch.Tensor]
 
 
-def alpha_for(cfg: Config, method_name: str) -> float:
-    """lambda of a method: cfg.merge.alpha for the configured method, the method's default otherwise."""
-    configured = cfg.merge.alpha if method_name == cfg.merge.method else None
-    return resolve_alpha(get_method(method_name), configured)
+def full_model_entries(model: ModelConfig) -> int:
+    """Floating entries of the complete model state dict (TIES' N_ref), counted on the meta device."""
+    register_builtin_configs()
+    with torch.device("meta"):
+        built = open_clip.create_model(model.name, pretrained=None, device="meta",
+                                       force_quick_gelu=model.force_quick_gelu)
+    return sum(t.numel() for t in built.state_dict().values() if t.dtype.is_floating_point)
 
 
-def merged_steps(cfg: Config, method_name: str, num_tasks: int, console: Console) -> CheckpointDir:
-    """The per-step merged vectors of `method_name` (computed once, then read from the store)."""
-    method = get_method(method_name)
+def merge_params(cfg: Config, method: MergeMethod) -> MergeParams:
+    """The MergeParams of `method` under cfg.merge (checked)."""
+    ties, dare = cfg.merge.ties, cfg.merge.dare
+    if ties.scope not in ("global", "tensor"):
+        raise UserError(f"merge.ties.scope={ties.scope} is not valid; use global or tensor")
+    if ties.k_denominator not in ("full_model", "stored"):
+        raise UserError(f"merge.ties.k_denominator={ties.k_denominator} is not valid; use full_model or stored")
+    if not 0.0 <= ties.k <= 1.0 or not 0.0 <= dare.p < 1.0:
+        raise UserError("merge.ties.k must lie in [0, 1] and merge.dare.p in [0, 1)")
+    uses_reference = method.sparsify == "topk" and ties.scope == "global" and ties.k_denominator == "full_model"
+    return MergeParams(seed=cfg.seed, ties_k=ties.k, ties_scope=ties.scope, dare_p=dare.p,
+                       ties_denominator=full_model_entries(cfg.model) if uses_reference else None)
+
+
+def method_store(cfg: Config, name: str) -> CheckpointDir:
+    """The merge directory of method `name` (it may not exist yet)."""
+    method = get_method(name)
+    return merge_dir(cfg, method.name, method.key_params(merge_params(cfg, method)))
+
+
+def task_sources(source: CheckpointDir, num_tasks: int, stack: ExitStack) -> list[TensorFile]:
+    """The task vector files of a fine-tuning run, hash-checked, closed with `stack`."""
+    return [stack.enter_context(TensorFile(source.verified_path(task_file(i)))) for i in range(num_tasks)]
+
+
+def fold(cfg: Config, name: str, num_tasks: int, every_step: bool = True):
+    """Yield (t, m_t) of method `name` over the fine-tuning run of cfg, folded on the fly."""
+    method = get_method(name)
+    params = merge_params(cfg, method)
+    with ExitStack() as stack:
+        yield from merge_steps(task_sources(finished_finetune(cfg, num_tasks), num_tasks, stack), method, params,
+                               every_step)
+
+
+def merged_store(cfg: Config, name: str, num_tasks: int, console: Console) -> CheckpointDir:
+    """Store m_T (and every m_t if merge.save_steps) with diagnostics; computed once, then reused."""
+    method = get_method(name)
+    params = merge_params(cfg, method)
     source = finished_finetune(cfg, num_tasks)
-    target = merge_dir(cfg, method.name, params={})
-    steps = [step_file(t) for t in range(1, num_tasks + 1)]
-    if all(target.has(name) for name in steps):
+    target = merge_dir(cfg, method.name, method.key_params(params))
+    steps = [step_file(t) for t in range(1, num_tasks + 1)] if cfg.merge.save_steps else []
+    if target.has(FINAL_FILE) and all(target.has(step) for step in steps):
         return target
-    with target.lock():
+    with target.lock(), ExitStack() as stack:
+        sources = task_sources(source, num_tasks, stack)
         start = time.perf_counter()
-        for t, merged in merge_steps(lambda i: source.load(task_file(i)), num_tasks, method):
-            target.save(step_file(t), merged, step=t)
+        merged: Tensors = {}
+        for t, merged in merge_steps(sources, method, params, every_step=bool(steps)):
+            if steps:
+                target.save(step_file(t), merged, step=t)
+        target.save(FINAL_FILE, merged, step=num_tasks)
         target.manifest["seconds"] = time.perf_counter() - start
+        target.manifest["diagnostics"] = diagnostics(sources, merged, owners=method.name == "magmax")
         target.write_manifest()
-    console.print(f"merged {num_tasks} steps with {method.name} in {target.manifest['seconds']:.2f} s")
+    console.print(f"merged {num_tasks} tasks with {method.name} in {target.manifest['seconds']:.2f} s")
     return target
+
+
+@dataclass
+class Deployment:
+    """What deploying a merge needs beyond the vectors: the model, theta_0 and the benchmark (lazy)."""
+
+    cfg: Config
+    loaded: LoadedModel
+    benchmark: Benchmark
+    device: torch.device
+
+    @cached_property
+    def base(self) -> Tensors:
+        return finished_finetune(self.cfg, len(self.benchmark.tasks)).load(BASE_FILE)
+
+
+def configured_alpha(cfg: Config, name: str) -> Optional[float | str]:
+    """merge.alpha applies to merge.method; every other method uses its default."""
+    return parse_alpha(cfg.merge.alpha) if name == cfg.merge.method else None
+
+
+def resolve(cfg: Config, name: str, deployment: Optional[Deployment]) -> tuple[float, Optional[AlphaCurve]]:
+    """lambda of method `name` and, for merge.alpha=auto, the validation curve that chose it."""
+    setting = configured_alpha(cfg, name)
+    if setting != "auto":
+        return resolve_alpha(get_method(name), setting), None
+    if deployment is None:
+        raise ValueError("merge.alpha=auto needs a Deployment")
+    store = method_store(cfg, name)
+    cached = store.manifest.get("alpha_auto")
+    if cached and cached["grid"] == [float(a) for a in cfg.merge.alpha_grid]:
+        return cached["alpha"], AlphaCurve(**cached)
+    final = merge_final_of(cfg, name, store, len(deployment.benchmark.tasks))
+    curve = alpha_curve(cfg, deployment.loaded, deployment.benchmark, deployment.base, final, deployment.device)
+    return curve.alpha, curve
+
+
+def merge_final_of(cfg: Config, name: str, store: CheckpointDir, num_tasks: int) -> Tensors:
+    """m_T: from the store if merged already, else folded on the fly."""
+    if store.has(FINAL_FILE):
+        return store.load(FINAL_FILE)
+    method = get_method(name)
+    with ExitStack() as stack:
+        sources = task_sources(finished_finetune(cfg, num_tasks), num_tasks, stack)
+        return merge_final(sources, method, merge_params(cfg, method))
+
+
+def record_auto(store: CheckpointDir, curve: Optional[AlphaCurve]) -> dict[str, Any]:
+    """Keep the validation curve in the merge manifest; returns it for merge.json."""
+    if curve is None:
+        return {}
+    store.manifest["alpha_auto"] = curve.to_json()
+    store.write_manifest()
+    return {"alpha_auto": curve.to_json()}
+
+
+def export(deployment: Deployment, name: str, store: CheckpointDir, alpha: float, path: Path) -> Path:
+    """Write theta_0 + alpha * m_T as a full open_clip checkpoint."""
+    from clmerge.merging.export import export_checkpoint
+
+    cfg = deployment.cfg
+    final = merge_final_of(cfg, name, store, len(deployment.benchmark.tasks))
+    metadata = {"format": "pt", "clmerge_method": name, "alpha": alpha, "model": cfg.model.name,
+                "merge_key": store.manifest["key"]}
+    return export_checkpoint(deployment.loaded, deployment.base, final, alpha, path, metadata)

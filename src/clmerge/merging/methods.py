@@ -1,66 +1,78 @@
-"""Merge methods as left folds over task vectors, tensor by tensor (SPEC.md sections 1.1 and 2).
+"""The merge-method registry: each method is a combiner, optionally after a sparsifier (SPEC.md 1.1, 2).
 
-Each method is a pair of pure functions: `update(state, tau_t, t)` folds task t (1-based) into the
-state (state is None before the first task), and `finalize(state, t)` gives the merged vector m after
-step t. The deployed model is theta_0 + lambda * m.
+Composite methods are built from parts, as in mergekit: `ties` = TopK trim x sign-elected disjoint mean,
+`dare_<m>` = DARE random drop x the combiner of method m.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
-
-import torch
+from typing import Any, Optional
 
 from clmerge.errors import UserError
+from clmerge.merging.parts import (DISJOINT_MEAN, LAST, MAGMAX, MEAN, RANDOM_MIX, SUM, Combiner, Dare,
+                                   Sparsifier, TopK)
 
-Update = Callable[[Optional[torch.Tensor], torch.Tensor, int], torch.Tensor]
-Finalize = Callable[[torch.Tensor, int], torch.Tensor]
+
+@dataclass(frozen=True)
+class MergeParams:
+    """The knobs of the parts (merge.ties.*, merge.dare.*) and the run seed of the random ones."""
+
+    seed: int = 0
+    ties_k: float = 0.2
+    ties_scope: str = "global"  # global | tensor
+    ties_denominator: Optional[int] = None  # N_ref of the global scope; None = the stored entries
+    dare_p: float = 0.5
 
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """A registered merge method: its fold, its default lambda and the paper it comes from."""
+    """A registered method: its combiner, its sparsifier ("topk", "dare" or None) and default lambda."""
 
     name: str
-    update: Update
-    finalize: Finalize
+    combiner: Combiner
+    sparsify: Optional[str]
     default_alpha: float
     reference: str
 
+    def sparsifier(self, params: MergeParams) -> Optional[Sparsifier]:
+        """The configured sparsifier instance, if the method has one."""
+        if self.sparsify == "topk":
+            return TopK(params.ties_k, params.ties_scope, params.ties_denominator)
+        if self.sparsify == "dare":
+            return Dare(params.dare_p)
+        return None
 
-def magmax_update(state: Optional[torch.Tensor], tau: torch.Tensor, t: int) -> torch.Tensor:
-    """MagMax (Marczak et al., ECCV 2024): keep, per entry, the signed value of largest magnitude.
+    @property
+    def random(self) -> bool:
+        """Whether the merged vector depends on the run seed."""
+        return self.sparsify == "dare" or self.combiner is RANDOM_MIX
 
-    m_1 = tau_1;  m_t = where(|tau_t| >= |m_{t-1}|, tau_t, m_{t-1})  -- ">=", so ties go to the latest task.
-    """
-    if state is None:
-        return tau.clone()
-    return torch.where(tau.abs() >= state.abs(), tau, state)
-
-
-def identity_finalize(state: torch.Tensor, t: int) -> torch.Tensor:
-    """The state is the merged vector."""
-    return state
-
-
-def sum_update(state: Optional[torch.Tensor], tau: torch.Tensor, t: int) -> torch.Tensor:
-    """Running sum S_t = S_{t-1} + tau_t."""
-    return tau.clone() if state is None else state + tau
-
-
-def mean_finalize(state: torch.Tensor, t: int) -> torch.Tensor:
-    """Weight averaging: m = (1/t) * S_t, i.e. the mean of the fine-tuned weights (the reference's order)."""
-    return state * (1.0 / t)
+    def key_params(self, params: MergeParams) -> dict[str, Any]:
+        """The params the merged vector depends on (they go into the store key)."""
+        found: dict[str, Any] = {"seed": params.seed} if self.random else {}
+        if self.sparsify == "topk":
+            found.update(k=params.ties_k, scope=params.ties_scope, denominator=params.ties_denominator)
+        if self.sparsify == "dare":
+            found.update(p=params.dare_p)
+        return found
 
 
-METHODS: dict[str, MergeMethod] = {
-    method.name: method
-    for method in (
-        MergeMethod("magmax", magmax_update, identity_finalize, 0.5, "Marczak et al., ECCV 2024, arXiv 2407.06322"),
-        MergeMethod("average", sum_update, mean_finalize, 1.0, "model soups / weight averaging (Wortsman et al. 2022)"),
-    )
-}
+_BASE = (
+    MergeMethod("magmax", MAGMAX, None, 0.5, "Marczak et al., MagMax, ECCV 2024, arXiv 2407.06322"),
+    MergeMethod("average", MEAN, None, 1.0, "weight averaging, Wortsman et al., model soups, ICML 2022"),
+    MergeMethod("task_arithmetic", SUM, None, 0.3, "Ilharco et al., task arithmetic, ICLR 2023, arXiv 2212.04089"),
+    MergeMethod("random_mix", RANDOM_MIX, None, 1.0, "random mixing baseline of MagMax, arXiv 2407.06322"),
+    MergeMethod("ties", DISJOINT_MEAN, "topk", 0.55, "Yadav et al., TIES-Merging, NeurIPS 2023, arXiv 2306.01708"),
+    MergeMethod("last", LAST, None, 1.0, "sequential fine-tuning: the last fine-tuned model itself"),
+)
+_DARE = "Yu et al., DARE, ICML 2024, arXiv 2311.03099"
+METHODS: dict[str, MergeMethod] = {method.name: method for method in (
+    *_BASE,
+    MergeMethod("dare", SUM, "dare", 0.3, f"{_DARE}, with task arithmetic"),
+    *(MergeMethod(f"dare_{m.name}", m.combiner, "dare", m.default_alpha, f"{_DARE}, with {m.name}")
+      for m in _BASE if m.name in ("magmax", "average", "ties")),
+)}
 
 
 def get_method(name: str) -> MergeMethod:

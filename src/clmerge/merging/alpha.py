@@ -1,0 +1,77 @@
+"""merge.alpha=auto: lambda chosen on a grid by accuracy on validation splits, never on test data.
+
+Each task's validation split is carved from its training data (`task_split(..., "val", seed)`). The
+score of a lambda is the sample-weighted task-agnostic accuracy of theta_0 + lambda * m_T over the union
+of all tasks' validation splits (the final model, as the reference's headline); ties go to the smaller
+lambda. The whole curve is recorded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import torch
+
+from clmerge.benchmarks import Benchmark
+from clmerge.benchmarks.head import benchmark_head
+from clmerge.config import Config
+from clmerge.data.registry import task_split
+from clmerge.errors import UserError
+from clmerge.evaluation.accuracy import collect_test_set, count_correct
+from clmerge.models.loading import LoadedModel
+from clmerge.models.tower import load_tower
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AlphaCurve:
+    """Validation accuracy of each lambda of the grid, and the chosen lambda."""
+
+    grid: list[float]
+    accuracy: list[float]
+    alpha: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_alpha(value: Any) -> Optional[float | str]:
+    """A configured lambda: None (the method's default), a number, or "auto"; anything else is an error."""
+    if value is None or value == "auto":
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"merge.alpha={value} is not a number; use a number, null (the default) or auto") from None
+
+
+def check_validation_split(cfg: Config) -> None:
+    """merge.alpha=auto needs validation data: refuse before any work when there is none."""
+    if cfg.benchmark.dataset == "world" and cfg.benchmark.world.val_per_class <= 0:
+        raise UserError("merge.alpha=auto picks lambda on validation data, but benchmark.world.val_per_class is 0; "
+                        "set benchmark.world.val_per_class=N (N > 0) or give a number, e.g. merge.alpha=0.5")
+    if not cfg.merge.alpha_grid:
+        raise UserError("merge.alpha=auto needs a grid; set merge.alpha_grid=[0.1,0.2,...]")
+
+
+def alpha_curve(cfg: Config, loaded: LoadedModel, benchmark: Benchmark, base: Tensors, merged: Tensors,
+                device: torch.device) -> AlphaCurve:
+    """Validation accuracy of theta_0 + lambda * merged for every lambda of cfg.merge.alpha_grid."""
+    check_validation_split(cfg)
+    model = loaded.model
+    val = collect_test_set([task_split(cfg.benchmark, task, "val", cfg.seed, cfg.paths.data, loaded.eval_transform)
+                            for task in benchmark.tasks],
+                           [task.classes for task in benchmark.tasks], benchmark.num_classes)
+    load_tower(model, base)
+    head = benchmark_head(model, loaded.tokenizer, benchmark, device)
+    grid = [float(a) for a in cfg.merge.alpha_grid]
+    accuracy = []
+    for alpha in grid:
+        load_tower(model, base, merged, scale=alpha)
+        counts = count_correct(model, head, val, cfg.eval.batch_size, device)
+        correct = counts.aware if benchmark.own_heads else counts.agnostic  # multi-dataset: own heads
+        accuracy.append(sum(correct) / max(sum(val.sizes()), 1))
+    best = max(range(len(grid)), key=lambda i: (accuracy[i], -grid[i]))
+    return AlphaCurve(grid, accuracy, grid[best])

@@ -1,0 +1,177 @@
+"""The parts merge methods are built from (as in mergekit): sparsifiers and combiners.
+
+A sparsifier maps one task vector tensor tau_t to tau-hat_t (trim, random drop); a combiner is a left fold
+over tau-hat_1..tau-hat_t in task order with a small state, and `finalize` gives the merged m_t. Each
+runs tensor by tensor. Updates may reuse the storage of `state` (like torch's in-place ops) and return
+it; a state never aliases its input. The deployed model is theta_0 + lambda * m (SPEC.md sections 1-2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from clmerge.data.registry import derived_seed
+from clmerge.merging.select import kth_smallest
+
+State = Any  # a tensor, or a list of tensors (TIES)
+
+
+@dataclass(frozen=True)
+class Step:
+    """Where a fold is: tensor `name`, task t (1-based) of `num_tasks`, run seed, global trim threshold."""
+
+    name: str
+    t: int
+    num_tasks: int
+    seed: int = 0
+    threshold: Optional[float] = None
+
+
+def generator(seed: int, purpose: str, name: str, t: int) -> torch.Generator:
+    """One CPU generator per (run seed, purpose, tensor name, task): draws do not depend on run order."""
+    return torch.Generator().manual_seed(derived_seed(seed, purpose, name, t))
+
+
+# ------------------------------------------------------------------------------------------ sparsifiers
+
+
+@dataclass(frozen=True)
+class TopK:
+    """TIES trim (Yadav et al., NeurIPS 2023, arXiv 2306.01708), SPEC.md 2.2.
+
+    k_keep = floor(k * N_ref); thr = the (N - k_keep)-th smallest |tau| of the N entries of the scope;
+    tau-hat = tau where |tau| >= thr, else 0 (ties at thr kept; k_keep >= N keeps all). Scope `global`:
+    one thr over the whole vector (given in Step.threshold), N_ref = `denominator` or N; `tensor`: per tensor.
+    """
+
+    k: float = 0.2
+    scope: str = "global"
+    denominator: Optional[int] = None
+
+    def rank(self, entries: int) -> int:
+        """N - k_keep for a scope of `entries` entries (< 1: keep everything)."""
+        reference = self.denominator if (self.scope == "global" and self.denominator) else entries
+        return entries - math.floor(self.k * reference)
+
+    def __call__(self, tau: torch.Tensor, step: Step) -> torch.Tensor:
+        if self.scope == "global":
+            threshold = step.threshold
+        else:
+            rank = self.rank(tau.numel())
+            threshold = kth_smallest(tau.abs(), rank) if rank >= 1 else None
+        if threshold is None:
+            return tau
+        return torch.where(tau.abs() >= threshold, tau, 0.0)
+
+
+@dataclass(frozen=True)
+class Dare:
+    """DARE (Yu et al., ICML 2024, arXiv 2311.03099): drop each entry with probability p, rescale the rest.
+
+    tau-hat[e] = tau[e] / (1 - p) with probability 1 - p, else 0 (one generator per seed, tensor, task).
+    """
+
+    p: float = 0.5
+
+    def __call__(self, tau: torch.Tensor, step: Step) -> torch.Tensor:
+        keep = torch.rand(tau.shape, generator=generator(step.seed, "dare", step.name, step.t)) >= self.p
+        return torch.where(keep, tau / (1.0 - self.p), 0.0)
+
+
+Sparsifier = Callable[[torch.Tensor, Step], torch.Tensor]
+
+
+# ------------------------------------------------------------------------------------------ combiners
+
+
+def magmax_update(state: Optional[torch.Tensor], tau: torch.Tensor, step: Step) -> torch.Tensor:
+    """MagMax (Marczak et al., ECCV 2024, arXiv 2407.06322): per entry, the signed value of largest |tau|.
+
+    m_1 = tau_1;  m_t = where(|tau_t| >= |m_{t-1}|, tau_t, m_{t-1})  (">=": ties go to the latest task).
+    """
+    if state is None:
+        return tau.clone()
+    return torch.where(tau.abs() >= state.abs(), tau, state, out=state)
+
+
+def sum_update(state: Optional[torch.Tensor], tau: torch.Tensor, step: Step) -> torch.Tensor:
+    """Running sum S_t = S_{t-1} + tau_t."""
+    return tau.clone() if state is None else state.add_(tau)
+
+
+def random_mix_update(state: Optional[torch.Tensor], tau: torch.Tensor, step: Step) -> torch.Tensor:
+    """Random mix: m[e] = tau_{r_e}[e], r_e ~ Uniform{1..t}, by reservoir sampling (SPEC.md 2.1).
+
+    m_1 = tau_1;  m_t = where(u < 1/t, tau_t, m_{t-1}),  u ~ U[0, 1) per entry, one generator per
+    (run seed, tensor, t).
+    """
+    if state is None:
+        return tau.clone()
+    u = torch.rand(tau.shape, generator=generator(step.seed, "random_mix", step.name, step.t))
+    return torch.where(u < 1.0 / step.t, tau, state, out=state)
+
+
+def last_update(state: Optional[torch.Tensor], tau: torch.Tensor, step: Step) -> torch.Tensor:
+    """Sequential fine-tuning baseline: m_t = tau_t, i.e. deploy theta_t itself (lambda 1)."""
+    return tau.clone() if state is None else state.copy_(tau)
+
+
+def disjoint_update(state: Optional[list[torch.Tensor]], tau: torch.Tensor, step: Step) -> list[torch.Tensor]:
+    """TIES streaming state: S+ += max(tau,0), S- += min(tau,0), C+ += [tau > 0], C- += [tau < 0]."""
+    if state is None:
+        count = torch.uint8 if step.num_tasks <= 255 else torch.int32
+        state = [torch.zeros_like(tau), torch.zeros_like(tau),
+                 torch.zeros(tau.shape, dtype=count), torch.zeros(tau.shape, dtype=count)]
+    positive, negative, n_positive, n_negative = state
+    positive.add_(tau.clamp_min(0.0))
+    negative.add_(tau.clamp_max(0.0))
+    n_positive.add_(tau > 0)
+    n_negative.add_(tau < 0)
+    return state
+
+
+def disjoint_majority(state: list[torch.Tensor]) -> float:
+    """This tensor's share of the global majority sign: sum_e sign(S+ + S-)."""
+    return float(torch.sign(state[0] + state[1]).sum())
+
+
+def identity_finalize(state: torch.Tensor, t: int, majority: float) -> torch.Tensor:
+    """The state is the merged vector."""
+    return state
+
+
+def mean_finalize(state: torch.Tensor, t: int, majority: float) -> torch.Tensor:
+    """Weight averaging: m = (1/t) * S_t, the mean of the fine-tuned weights (the reference's order)."""
+    return state * (1.0 / t)
+
+
+def disjoint_finalize(state: list[torch.Tensor], t: int, majority: float) -> torch.Tensor:
+    """TIES elect + disjoint mean: s = sign(S+ + S-), 0 -> sign of the global majority (sum of s over the
+    whole vector); m = S+ / max(C+, 1) where s > 0, else S- / max(C-, 1) (s = 0 selects negatives)."""
+    positive, negative, n_positive, n_negative = state
+    sign = torch.sign(positive + negative)
+    if majority != 0:
+        sign = torch.where(sign == 0, math.copysign(1.0, majority), sign)
+    return torch.where(sign > 0, positive / n_positive.clamp_min(1), negative / n_negative.clamp_min(1))
+
+
+@dataclass(frozen=True)
+class Combiner:
+    """A fold: update per task, finalize per step; `majority` (TIES) is summed over every tensor first."""
+
+    name: str
+    update: Callable[[Optional[State], torch.Tensor, Step], State]
+    finalize: Callable[[State, int, float], torch.Tensor]
+    majority: Optional[Callable[[State], float]] = None
+
+
+MAGMAX = Combiner("magmax", magmax_update, identity_finalize)
+SUM = Combiner("sum", sum_update, identity_finalize)
+MEAN = Combiner("mean", sum_update, mean_finalize)
+RANDOM_MIX = Combiner("random_mix", random_mix_update, identity_finalize)
+LAST = Combiner("last", last_update, identity_finalize)
+DISJOINT_MEAN = Combiner("disjoint_mean", disjoint_update, disjoint_finalize, disjoint_majority)

@@ -1,0 +1,117 @@
+"""Read safetensors files tensor by tensor into reusable buffers, and check that task vectors agree.
+
+safetensors' own loader maps the file and faults its pages in one by one on first touch (about 10x
+slower than a plain read from the page cache, docs/performance.md), so the engine parses the header
+(8-byte little-endian length, JSON, then raw little-endian data) and reads each tensor with `readinto`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from clmerge.errors import UserError
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where one tensor lies in a file."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset of the data
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return self.nbytes // torch.empty(0, dtype=self.dtype).element_size()
+
+
+class TensorFile:
+    """An open safetensors file whose tensors are read on demand."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        try:
+            self._handle = open(self.path, "rb", buffering=0)
+        except OSError as exc:
+            raise UserError(f"cannot open {self.path} ({exc.strerror}); check the path") from None
+        self.entries = self._parse_header()
+
+    def _parse_header(self) -> dict[str, Entry]:
+        head = self._handle.read(8)
+        size = int.from_bytes(head, "little") if len(head) == 8 else -1
+        try:
+            header = json.loads(self._handle.read(size)) if 0 < size < (1 << 30) else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+        if not isinstance(header, dict):
+            raise UserError(f"{self.path} is not a safetensors file; pass a file written by clmerge or safetensors")
+        header.pop("__metadata__", None)
+        entries = {}
+        for name, info in header.items():
+            if info.get("dtype") not in DTYPES:
+                raise UserError(f"{self.path}: tensor {name} has unsupported dtype {info.get('dtype')}")
+            begin, end = info["data_offsets"]
+            entries[name] = Entry(DTYPES[info["dtype"]], tuple(info["shape"]), 8 + size + begin, end - begin)
+        return dict(sorted(entries.items(), key=lambda item: item[1].start))  # file order: sequential reads
+
+    def read_into(self, name: str, out: torch.Tensor, start: int = 0, count: int = -1) -> torch.Tensor:
+        """Read entries [start, start + count) of tensor `name` (all: count < 0) into the contiguous buffer
+        `out`; returns the filled view, shaped like the tensor when the whole tensor was read."""
+        entry = self.entries[name]
+        size = torch.empty(0, dtype=entry.dtype).element_size()
+        count = entry.numel - start if count < 0 else count
+        view = out.view(-1)[:count]
+        raw = memoryview(view.view(torch.uint8).numpy())
+        done, offset = 0, entry.start + start * size
+        while done < count * size:  # Linux reads at most ~2 GB per call
+            got = os.preadv(self._handle.fileno(), [raw[done:]], offset + done)
+            if got <= 0:
+                raise UserError(f"{self.path} is truncated (tensor {name}); rewrite it")
+            done += got
+        return view.view(entry.shape) if count == entry.numel else view
+
+    def read(self, name: str) -> torch.Tensor:
+        """Tensor `name` in a fresh buffer."""
+        entry = self.entries[name]
+        return self.read_into(name, torch.empty(entry.shape, dtype=entry.dtype))
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> "TensorFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_compatible(files: list[TensorFile]) -> None:
+    """One line naming the first key whose presence, shape or dtype differs, and the two files."""
+    first = files[0]
+    for other in files[1:]:
+        for name in sorted(set(first.entries) | set(other.entries)):
+            a, b = first.entries.get(name), other.entries.get(name)
+            if a is None or b is None:
+                holder, lacking = (first, other) if b is None else (other, first)
+                raise UserError(f"tensor {name} is in {holder.path} but not in {lacking.path}; "
+                                "the files come from different models")
+            if a.shape != b.shape or a.dtype != b.dtype:
+                raise UserError(f"tensor {name} is {a.dtype}{list(a.shape)} in {first.path} but "
+                                f"{b.dtype}{list(b.shape)} in {other.path}; the files come from different models")
+
+
+def check_finite_tensor(tensor: torch.Tensor, where: str, name: str) -> None:
+    """Refuse NaN/Inf (|NaN| >= x is false, so MagMax would drop it silently). One sum decides: a sum is
+    finite only if every entry is; only when it is not does an exact check run (a finite overflow passes)."""
+    if tensor.dtype.is_floating_point and not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
+        raise UserError(f"{where} has non-finite entries (NaN or inf) in {name}; re-run the fine-tuning that wrote it")
