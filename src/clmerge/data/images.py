@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -74,9 +73,3 @@ class ImageArrays(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int]:
         return self.transform(Image.fromarray(self.images[index]).convert("RGB")), self.labels[index]
 
-
-def subset_indices(labels: Sequence[int], classes: Sequence[int]) -> torch.Tensor:
-    """Indices of the samples whose label is in `classes`."""
-    wanted = torch.zeros(max([*labels, *classes], default=0) + 1, dtype=torch.bool)
-    wanted[list(classes)] = True
-    return torch.nonzero(wanted[torch.tensor(list(labels), dtype=torch.int64)]).flatten()
