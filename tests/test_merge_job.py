@@ -1,0 +1,98 @@
+"""`clmerge merge` over a real tiny fine-tuning run: stored merges with diagnostics, alpha=auto on
+validation data, and --export loading in open_clip with the merged model's logits."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from rich.console import Console
+
+from clmerge import pipeline
+from clmerge.config import (BenchmarkConfig, Config, FinetuneConfig, MergeConfig, ModelConfig, PathsConfig,
+                            WorldDataConfig)
+from clmerge.data.registry import derived_seed
+from clmerge.errors import UserError
+from clmerge.merging.job import fold
+from clmerge.models.loading import load_model, register_builtin_configs
+from clmerge.models.tower import load_tower
+from clmerge.store import BASE_FILE, FINAL_FILE, finished_finetune, step_file
+
+QUIET = Console(quiet=True)
+
+
+def with_merge(cfg: Config, **merge: object) -> Config:
+    return dataclasses.replace(cfg, merge=dataclasses.replace(cfg.merge, **merge))
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory: pytest.TempPathFactory) -> Config:
+    root = tmp_path_factory.mktemp("merge-job")
+    benchmark = BenchmarkConfig(name="cil-tiny", setting="class_incremental", dataset="world", templates="world",
+                                num_tasks=3, world=WorldDataConfig(domain="blur", train_per_class=4,
+                                                                   val_per_class=2, test_per_class=2))
+    recipe = FinetuneConfig(lr=1e-3, weight_decay=0.0, batch_size=16, steps=2, warmup_steps=1)
+    cfg = Config(benchmark=benchmark, model=ModelConfig(pretrained="none"), finetune=recipe, merge=MergeConfig(),
+                 paths=PathsConfig(store=str(root / "store"), output=str(root / "out")), threads=1)
+    pipeline.finetune(cfg, QUIET)
+    return cfg
+
+
+def test_merge_stores_the_final_vector_and_diagnostics_only(finetuned: Config, tmp_path: Path) -> None:
+    [path] = pipeline.merge(finetuned, QUIET, output_dir=tmp_path).values()
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert FINAL_FILE in manifest["files"] and step_file(1) not in manifest["files"]
+    found = manifest["diagnostics"]
+    assert len(found["pairwise"]) == 3 and len(found["against_merge"]) == 3
+    assert sum(found["contribution_share"]) == pytest.approx(1.0, abs=1e-5)
+    assert any(layer.startswith("visual.transformer.resblocks.") for layer in found["per_layer"])
+    with_steps = with_merge(finetuned, save_steps=True)
+    pipeline.merge(with_steps, QUIET)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert all(step_file(t) in manifest["files"] for t in (1, 2, 3))
+
+
+def test_alpha_auto_picks_lambda_on_validation_data_and_records_the_curve(finetuned: Config, tmp_path: Path) -> None:
+    cfg = with_merge(finetuned, method="average", alpha="auto", alpha_grid=[0.5, 1.0])
+    pipeline.merge(cfg, QUIET, output_dir=tmp_path)
+    record = json.loads((tmp_path / "merge.json").read_text())["methods"]["average"]
+    curve = record["alpha_auto"]
+    assert curve["grid"] == [0.5, 1.0] and len(curve["accuracy"]) == 2 and record["alpha"] in (0.5, 1.0)
+    assert all(0.0 <= a <= 1.0 for a in curve["accuracy"])
+
+
+def test_alpha_auto_without_a_validation_split_is_one_clear_line(finetuned: Config) -> None:
+    world = dataclasses.replace(finetuned.benchmark.world, val_per_class=0)
+    cfg = with_merge(dataclasses.replace(finetuned, benchmark=dataclasses.replace(finetuned.benchmark, world=world)),
+                     alpha="auto")
+    from clmerge.merging.alpha import check_validation_split
+
+    with pytest.raises(UserError, match="benchmark.world.val_per_class=N") as err:
+        check_validation_split(cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_export_loads_in_open_clip_and_gives_the_merged_models_logits(finetuned: Config, tmp_path: Path) -> None:
+    target = tmp_path / "merged.safetensors"
+    cfg = with_merge(finetuned, method="ties", alpha=0.7, export=str(target))
+    pipeline.merge(cfg, QUIET, output_dir=tmp_path)
+    assert json.loads((tmp_path / "merge.json").read_text())["methods"]["ties"]["export"] == str(target)
+    register_builtin_configs()
+    exported = open_clip.create_model(cfg.model.name, pretrained=str(target)).eval()
+    ours = load_model(cfg.model, "cpu", init_seed=derived_seed(cfg.seed, "init")).model.eval()
+    *_, (_, final) = fold(cfg, "ties", cfg.benchmark.num_tasks)
+    load_tower(ours, finished_finetune(cfg, 3).load(BASE_FILE), final, scale=0.7)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    tokens = open_clip.get_tokenizer(cfg.model.name)(["a photo", "a shape"])
+    with torch.no_grad():
+        assert torch.equal(exported.encode_image(images), ours.encode_image(images))
+        assert torch.equal(exported(images, tokens)[0], ours(images, tokens)[0])
+
+
+def test_export_must_be_safetensors(finetuned: Config, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"\*.safetensors"):
+        pipeline.merge(with_merge(finetuned, export=str(tmp_path / "merged.pt")), QUIET)
