@@ -22,7 +22,7 @@ State = Any  # a tensor, or a list of tensors (TIES)
 
 @dataclass(frozen=True)
 class Step:
-    """Where a fold is: tensor `name`, task t (1-based) of `num_tasks`, run seed, global trim threshold."""
+    """Where a fold is: tensor `name`, task t (1-based) of `num_tasks`, run seed, trim threshold."""
 
     name: str
     t: int
@@ -45,7 +45,7 @@ class TopK:
 
     k_keep = floor(k * N_ref); thr = the (N - k_keep)-th smallest |tau| of the N entries of the scope;
     tau-hat = tau where |tau| >= thr, else 0 (ties at thr kept; k_keep >= N keeps all). Scope `global`:
-    one thr over the whole vector (given in Step.threshold), N_ref = `denominator` or N; `tensor`: per tensor.
+    one thr over the whole vector, N_ref = `denominator` or N; `tensor`: one per tensor, N_ref = its numel.
     """
 
     k: float = 0.2
@@ -57,15 +57,16 @@ class TopK:
         reference = self.denominator if (self.scope == "global" and self.denominator) else entries
         return entries - math.floor(self.k * reference)
 
+    def tensor_threshold(self, tau: torch.Tensor) -> Optional[float]:
+        """thr of one tensor on its own (scope `tensor`); None keeps everything."""
+        rank = self.rank(tau.numel())
+        return kth_smallest(tau.abs(), rank) if rank >= 1 else None
+
     def __call__(self, tau: torch.Tensor, step: Step) -> torch.Tensor:
-        if self.scope == "global":
-            threshold = step.threshold
-        else:
-            rank = self.rank(tau.numel())
-            threshold = kth_smallest(tau.abs(), rank) if rank >= 1 else None
-        if threshold is None:
+        """Trim with the threshold of the scope, which the engine puts in `step.threshold`."""
+        if step.threshold is None:
             return tau
-        return torch.where(tau.abs() >= threshold, tau, 0.0)
+        return torch.where(tau.abs() >= step.threshold, tau, 0.0)
 
 
 @dataclass(frozen=True)
@@ -139,39 +140,44 @@ def disjoint_majority(state: list[torch.Tensor]) -> float:
     return float(torch.sign(state[0] + state[1]).sum())
 
 
-def identity_finalize(state: torch.Tensor, t: int, majority: float) -> torch.Tensor:
-    """The state is the merged vector."""
+def identity_finalize(state: torch.Tensor, t: int, majority: float, out: torch.Tensor) -> torch.Tensor:
+    """The state is the merged vector (`out` is not needed)."""
     return state
 
 
-def mean_finalize(state: torch.Tensor, t: int, majority: float) -> torch.Tensor:
+def mean_finalize(state: torch.Tensor, t: int, majority: float, out: torch.Tensor) -> torch.Tensor:
     """Weight averaging: m = (1/t) * S_t, the mean of the fine-tuned weights (the reference's order)."""
-    return state * (1.0 / t)
+    return torch.mul(state, 1.0 / t, out=out)
 
 
-def disjoint_finalize(state: list[torch.Tensor], t: int, majority: float) -> torch.Tensor:
+def disjoint_finalize(state: list[torch.Tensor], t: int, majority: float, out: torch.Tensor) -> torch.Tensor:
     """TIES elect + disjoint mean: s = sign(S+ + S-), 0 -> sign of the global majority (sum of s over the
     whole vector); m = S+ / max(C+, 1) where s > 0, else S- / max(C-, 1) (s = 0 selects negatives)."""
     positive, negative, n_positive, n_negative = state
     sign = torch.sign(positive + negative)
     if majority != 0:
         sign = torch.where(sign == 0, math.copysign(1.0, majority), sign)
-    return torch.where(sign > 0, positive / n_positive.clamp_min(1), negative / n_negative.clamp_min(1))
+    return torch.where(sign > 0, positive / n_positive.clamp_min(1), negative / n_negative.clamp_min(1), out=out)
 
 
 @dataclass(frozen=True)
 class Combiner:
-    """A fold: update per task, finalize per step; `majority` (TIES) is summed over every tensor first."""
+    """A fold: update per task, finalize per step into `out` (a buffer reused across steps) or the state
+    itself; `majority` (TIES) is summed over every tensor first.
+    `elementwise`: an update may run on any slice of a tensor and its state (in place), so the engine can
+    feed it cache-sized chunks; random draws are per whole tensor, so random mix is not."""
 
     name: str
     update: Callable[[Optional[State], torch.Tensor, Step], State]
-    finalize: Callable[[State, int, float], torch.Tensor]
+    finalize: Callable[[State, int, float, torch.Tensor], torch.Tensor]
     majority: Optional[Callable[[State], float]] = None
+    elementwise: bool = True
+    needs_out: bool = False
 
 
 MAGMAX = Combiner("magmax", magmax_update, identity_finalize)
 SUM = Combiner("sum", sum_update, identity_finalize)
-MEAN = Combiner("mean", sum_update, mean_finalize)
-RANDOM_MIX = Combiner("random_mix", random_mix_update, identity_finalize)
+MEAN = Combiner("mean", sum_update, mean_finalize, needs_out=True)
+RANDOM_MIX = Combiner("random_mix", random_mix_update, identity_finalize, elementwise=False)
 LAST = Combiner("last", last_update, identity_finalize)
-DISJOINT_MEAN = Combiner("disjoint_mean", disjoint_update, disjoint_finalize, disjoint_majority)
+DISJOINT_MEAN = Combiner("disjoint_mean", disjoint_update, disjoint_finalize, disjoint_majority, needs_out=True)

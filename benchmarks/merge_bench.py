@@ -1,0 +1,183 @@
+"""Merge-engine benchmark: ViT-B/16 visual-tower task vectors, T = 5, 10, 20, warm page cache.
+
+For each T it prints, in one process and side by side: the time to read the T task-vector files once
+(the baseline), each method's final-only and all-steps merge time with ratios to the read, the peak
+resident memory above the process's baseline (sampled every 2 ms), and a reference-style in-memory
+implementation (load every task vector, stack, reduce; re-merge from scratch for every step).
+
+    .venv/bin/python benchmarks/merge_bench.py --tasks 5,10,20 --threads 1
+
+Writes max(T) x 345 MB of safetensors under --dir (a temporary folder by default) and deletes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import resource
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import open_clip
+import torch
+from safetensors.torch import load_file, save_file
+
+from clmerge.merging.engine import merge_steps
+from clmerge.merging.methods import MergeParams, get_method
+from clmerge.merging.reader import TensorFile
+
+PAGE = resource.getpagesize()
+MB = 1e6
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * PAGE
+
+
+def release_free_memory() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it), so that RSS growth measures real use."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class PeakRSS:
+    """Peak resident memory while the block runs, above the resident memory when it starts."""
+
+    def __enter__(self) -> "PeakRSS":
+        self.start = self.peak = rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss())
+
+    @property
+    def above(self) -> float:
+        return (self.peak - self.start) / MB
+
+
+def visual_shapes() -> tuple[dict[str, torch.Size], int]:
+    """ViT-B/16 visual-tower shapes, and the floating entries of the whole model (built on meta)."""
+    with torch.device("meta"):
+        model = open_clip.create_model("ViT-B-16", pretrained=None, device="meta")
+    state = model.state_dict()
+    shapes = {k: v.shape for k, v in state.items() if k.startswith("visual.") and v.dtype.is_floating_point}
+    return shapes, sum(v.numel() for v in state.values() if v.dtype.is_floating_point)
+
+
+def write_task_vectors(folder: Path, shapes: dict[str, torch.Size], count: int) -> list[Path]:
+    paths = []
+    for t in range(count):
+        g = torch.Generator().manual_seed(t)
+        paths.append(folder / f"task_{t:03d}.safetensors")
+        save_file({k: torch.randn(s, generator=g) * 1e-3 for k, s in shapes.items()}, str(paths[-1]))
+    return paths
+
+
+def read_once(paths: list[Path]) -> None:
+    """The baseline: every tensor of every file read into one reused buffer, nothing else."""
+    files = [TensorFile(p) for p in paths]
+    buffer = torch.empty(max(e.numel for e in files[0].entries.values()))
+    for f in files:
+        for name in f.entries:
+            f.read_into(name, buffer)
+        f.close()
+
+
+def engine(paths: list[Path], method: str, params: MergeParams, every_step: bool) -> None:
+    files = [TensorFile(p) for p in paths]
+    for _ in merge_steps(files, get_method(method), params, every_step):
+        pass
+    for f in files:
+        f.close()
+
+
+def reference_style(paths: list[Path], method: str, every_step: bool) -> None:
+    """As the reference does it: all task vectors in memory, stack and reduce, every step from scratch."""
+    vectors = [{k: v.clone() for k, v in load_file(str(p)).items()} for p in paths]
+    for t in (range(1, len(paths) + 1) if every_step else [len(paths)]):
+        merged = {}
+        for name in vectors[0]:
+            stacked = torch.stack([v[name] for v in vectors[:t]])
+            if method == "magmax":
+                index = t - 1 - stacked.abs().flip(0).argmax(0)
+                merged[name] = stacked.gather(0, index.unsqueeze(0)).squeeze(0)
+            else:
+                merged[name] = stacked.sum(0) / t
+        del merged
+
+
+def timed(action: Callable[[], None], repeat: int) -> tuple[float, float]:
+    """Best wall time of `repeat` runs, and the largest peak memory above the start (MB)."""
+    best, peak = float("inf"), 0.0
+    for _ in range(repeat):
+        release_free_memory()
+        with PeakRSS() as memory:
+            start = time.perf_counter()
+            action()
+            best = min(best, time.perf_counter() - start)
+        peak = max(peak, memory.above)
+    return best, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", default="5,10,20", help="task counts, comma-separated")
+    parser.add_argument("--methods", default="magmax,average,task_arithmetic,random_mix,ties")
+    parser.add_argument("--reference", default="magmax,average", help="methods also run reference-style")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--dir", type=Path, default=None, help="where to write the task vectors")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    counts = [int(c) for c in args.tasks.split(",")]
+    shapes, full_model = visual_shapes()
+    vector_mb = sum(s.numel() for s in shapes.values()) * 4 / MB
+    folder = Path(tempfile.mkdtemp(prefix="merge-bench-", dir=args.dir))
+    try:
+        paths = write_task_vectors(folder, shapes, max(counts))
+        params = MergeParams(ties_denominator=full_model)
+        print(f"ViT-B/16 visual tower: {len(shapes)} tensors, 1 task vector = {vector_mb:.1f} MB; "
+              f"torch threads {torch.get_num_threads()}; memory target 3 V + 300 MB = {3 * vector_mb + 300:.0f} MB")
+        header = f"{'T':>3} {'what':<22} {'final s':>8} {'x read':>7} {'steps s':>8} {'steps/final':>11} " \
+                 f"{'peak MB':>8} {'x V':>5}"
+        print(header)
+        for count in counts:
+            subset = paths[:count]
+            read_once(subset)  # warm the page cache
+            read_s, read_mb = timed(lambda: read_once(subset), args.repeat)
+            print(f"{count:>3} {'read files once':<22} {read_s:>8.3f} {1:>7.2f} {'':>8} {'':>11} {read_mb:>8.0f} "
+                  f"{read_mb / vector_mb:>5.2f}")
+            for method in args.methods.split(","):
+                final_s, final_mb = timed(lambda: engine(subset, method, params, False), args.repeat)
+                steps_s, steps_mb = timed(lambda: engine(subset, method, params, True), args.repeat)
+                peak = max(final_mb, steps_mb)
+                print(f"{count:>3} {method:<22} {final_s:>8.3f} {final_s / read_s:>7.2f} {steps_s:>8.3f} "
+                      f"{steps_s / final_s:>11.2f} {peak:>8.0f} {peak / vector_mb:>5.2f}")
+                if method in args.reference.split(","):
+                    ref_final, ref_final_mb = timed(lambda: reference_style(subset, method, False), 1)
+                    ref_steps, ref_steps_mb = timed(lambda: reference_style(subset, method, True), 1)
+                    ref_peak = max(ref_final_mb, ref_steps_mb)
+                    print(f"{count:>3} {'  reference-style':<22} {ref_final:>8.3f} {ref_final / read_s:>7.2f} "
+                          f"{ref_steps:>8.3f} {ref_steps / ref_final:>11.2f} {ref_peak:>8.0f} "
+                          f"{ref_peak / vector_mb:>5.2f}   engine is {ref_steps / steps_s:.1f}x faster "
+                          f"(all steps), {ref_peak / max(peak, 1):.1f}x less memory")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
