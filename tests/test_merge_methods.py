@@ -31,7 +31,8 @@ def one_thread():
 
 
 def steps(method: str, taus: list[Vector], params: MergeParams = MergeParams()) -> list[Vector]:
-    return [{k: v.clone() for k, v in m.items()} for _, m in merge_steps(open_sources(taus), get_method(method), params)]
+    folded = merge_steps(open_sources(taus), get_method(method), params)
+    return [{k: v.clone() for k, v in m.items()} for _, m in folded]
 
 
 def stack(taus: list[Vector], name: str) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 Task-major fold: task t's tensors are read one at a time into a reused buffer and folded into the
 state, so memory is the state (1 vector; TIES 2.5) plus one tensor, whatever the number of tasks, and all
-T per-step merges cost one pass (O(T), not O(T^2)). Global TIES trimming reads each task twice more in
-part: a small sample brackets the threshold, one pass finds it exactly (clmerge.merging.select).
+T per-step merges cost one pass (O(T), not O(T^2)). Global TIES trimming first reads a small sample of
+each task vector to bracket its threshold and one more full pass to find it exactly (merging.select).
+Updates run in place on cache-sized chunks of each tensor; random draws stay per whole tensor.
 Integer and boolean tensors are never merged: they pass through from the first task untouched.
 """
 
@@ -69,7 +70,8 @@ def _global_threshold(source: Source, names: list[str], topk: TopK, reader: _Rea
     for name in names:
         tau = reader.read(source, name)
         check_finite_tensor(tau, str(source.path), name)
-        found.scan(tau.abs())
+        for (piece,) in _chunks(tau):
+            found.scan(piece.abs())
     picked = found.pick(rank)
     if picked is None:  # unlucky sample: exact fallback over the whole vector
         whole = Bracket(None, None)
@@ -106,28 +108,52 @@ def merge_steps(sources: Sequence[Source], method: MergeMethod, params: MergePar
             if isinstance(sparsifier, TopK) and sparsifier.scope == "tensor":
                 threshold = sparsifier.tensor_threshold(tau)
             step = Step(name, t, num_tasks, params.seed, threshold)
-            chunked = name in state and combiner.elementwise and not isinstance(sparsifier, Dare)
-            state[name] = _fold_chunks(state[name], tau, step, combiner, sparsifier) if chunked else combiner.update(
-                state.get(name), tau if sparsifier is None else sparsifier(tau, step), step)
+            if name not in state and combiner.init is not None:
+                state[name] = combiner.init(tau, step)
+            if name in state and combiner.elementwise and not isinstance(sparsifier, Dare):
+                state[name] = _fold_chunks(state[name], tau, step, combiner, sparsifier)
+            else:
+                state[name] = combiner.update(state.get(name), tau if sparsifier is None else sparsifier(tau, step),
+                                              step)
         if every_step or t == num_tasks:
-            majority = sum(combiner.majority(s) for s in state.values()) if combiner.majority else 0.0
             if combiner.needs_out and not out:
                 out = {name: torch.empty(first.entries[name].shape) for name in names}
-            merged = {name: combiner.finalize(state[name], t, majority, out.get(name)) for name in names}
-            yield t, {**merged, **passthrough}
+            yield t, {**_finalize(state, t, combiner, out), **passthrough}
+
+
+def _chunks(state: object, *others: torch.Tensor) -> Iterator[tuple[object, ...]]:
+    """Matching cache-sized slices of a state (tensor or list of tensors) and of other same-sized tensors."""
+    parts = state if isinstance(state, list) else [state]
+    views = [part.view(-1) for part in parts]
+    flats = [other.reshape(-1) for other in others]
+    for start in range(0, views[0].numel(), CHUNK):
+        chunk = [view[start:start + CHUNK] for view in views]
+        yield (chunk if isinstance(state, list) else chunk[0], *(flat[start:start + CHUNK] for flat in flats))
+
+
+def _finalize(state: dict[str, object], t: int, combiner: Combiner, out: Tensors) -> Tensors:
+    """m_t of every tensor (into `out` where the combiner needs it), chunk by chunk where it can."""
+    if not combiner.elementwise:
+        return {name: combiner.finalize(value, t, 0.0, out.get(name)) for name, value in state.items()}
+    majority = 0.0
+    if combiner.majority is not None:
+        majority = sum(combiner.majority(chunk) for value in state.values() for (chunk,) in _chunks(value))
+    merged = {}
+    for name, value in state.items():
+        if name not in out:
+            merged[name] = combiner.finalize(value, t, majority, None)
+            continue
+        for chunk, target in _chunks(value, out[name]):
+            combiner.finalize(chunk, t, majority, target)
+        merged[name] = out[name]
+    return merged
 
 
 def _fold_chunks(state: object, tau: torch.Tensor, step: Step, combiner: Combiner,
                  sparsifier: Optional[Sparsifier]) -> object:
     """Update `state` in place chunk by chunk, so that the temporaries of the update stay in cache."""
-    flat = tau.reshape(-1)
-    parts = state if isinstance(state, list) else [state]
-    views = [part.view(-1) for part in parts]
-    for start in range(0, flat.numel(), CHUNK):
-        piece = flat[start:start + CHUNK]
-        chunk = [view[start:start + CHUNK] for view in views]
-        combiner.update(chunk if isinstance(state, list) else chunk[0],
-                               piece if sparsifier is None else sparsifier(piece, step), step)
+    for chunk, piece in _chunks(state, tau):
+        combiner.update(chunk, piece if sparsifier is None else sparsifier(piece, step), step)
     return state
 
 

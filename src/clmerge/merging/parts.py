@@ -121,12 +121,17 @@ def last_update(state: Optional[torch.Tensor], tau: torch.Tensor, step: Step) ->
     return tau.clone() if state is None else state.copy_(tau)
 
 
+def disjoint_init(tau: torch.Tensor, step: Step) -> list[torch.Tensor]:
+    """TIES state before the first task: S+ = S- = 0 (fp32), C+ = C- = 0 (uint8 while T <= 255)."""
+    count = torch.uint8 if step.num_tasks <= 255 else torch.int32
+    return [torch.zeros(tau.shape), torch.zeros(tau.shape), torch.zeros(tau.shape, dtype=count),
+            torch.zeros(tau.shape, dtype=count)]
+
+
 def disjoint_update(state: Optional[list[torch.Tensor]], tau: torch.Tensor, step: Step) -> list[torch.Tensor]:
     """TIES streaming state: S+ += max(tau,0), S- += min(tau,0), C+ += [tau > 0], C- += [tau < 0]."""
     if state is None:
-        count = torch.uint8 if step.num_tasks <= 255 else torch.int32
-        state = [torch.zeros_like(tau), torch.zeros_like(tau),
-                 torch.zeros(tau.shape, dtype=count), torch.zeros(tau.shape, dtype=count)]
+        state = disjoint_init(tau, step)
     positive, negative, n_positive, n_negative = state
     positive.add_(tau.clamp_min(0.0))
     negative.add_(tau.clamp_max(0.0))
@@ -164,8 +169,9 @@ def disjoint_finalize(state: list[torch.Tensor], t: int, majority: float, out: t
 class Combiner:
     """A fold: update per task, finalize per step into `out` (a buffer reused across steps) or the state
     itself; `majority` (TIES) is summed over every tensor first.
-    `elementwise`: an update may run on any slice of a tensor and its state (in place), so the engine can
-    feed it cache-sized chunks; random draws are per whole tensor, so random mix is not."""
+    `elementwise`: update and finalize may run on any slice of a tensor and its state (in place), so the
+    engine can feed them cache-sized chunks (after `init`, if given, made the state); random draws are per
+    whole tensor, so random mix is not."""
 
     name: str
     update: Callable[[Optional[State], torch.Tensor, Step], State]
@@ -173,6 +179,7 @@ class Combiner:
     majority: Optional[Callable[[State], float]] = None
     elementwise: bool = True
     needs_out: bool = False
+    init: Optional[Callable[[torch.Tensor, Step], State]] = None
 
 
 MAGMAX = Combiner("magmax", magmax_update, identity_finalize)
@@ -180,4 +187,5 @@ SUM = Combiner("sum", sum_update, identity_finalize)
 MEAN = Combiner("mean", sum_update, mean_finalize, needs_out=True)
 RANDOM_MIX = Combiner("random_mix", random_mix_update, identity_finalize, elementwise=False)
 LAST = Combiner("last", last_update, identity_finalize)
-DISJOINT_MEAN = Combiner("disjoint_mean", disjoint_update, disjoint_finalize, disjoint_majority, needs_out=True)
+DISJOINT_MEAN = Combiner("disjoint_mean", disjoint_update, disjoint_finalize, disjoint_majority, needs_out=True,
+                         init=disjoint_init)
