@@ -99,7 +99,8 @@ def test_an_unknown_top_level_key_is_rejected() -> None:
 def test_unknown_group_options_list_the_valid_names() -> None:
     with pytest.raises(UserError) as info:
         compose_config(["merge=magmx"])
-    assert str(info.value) == "unknown merge method 'magmx'; valid merge methods: average, magmax"
+    assert str(info.value) == ("unknown merge method 'magmx'; valid merge methods: average, dare, dare_average, "
+                               "dare_magmax, dare_ties, last, magmax, random_mix, task_arithmetic, ties")
     with pytest.raises(UserError) as info:
         compose_config(["benchmark=cifar100"])
     assert str(info.value) == ("unknown benchmark 'cifar100'; valid benchmarks: class_incremental/world, "
@@ -131,7 +132,8 @@ def test_multirun_expands_sweeps_like_the_basic_sweeper() -> None:
 
 def test_glob_sweeps_see_the_options_and_never_the_schemas() -> None:
     jobs = expand_jobs(["merge=glob(*)"], multirun=True)
-    assert sorted(jobs) == [["merge=average"], ["merge=magmax"]]
+    assert sorted(jobs) == [[f"merge={name}"] for name in ("average", "dare", "dare_average", "dare_magmax", "dare_ties",
+                                                           "last", "magmax", "random_mix", "task_arithmetic", "ties")]
 
 
 def test_every_job_of_a_sweep_is_validated() -> None:
