@@ -103,9 +103,12 @@ def test_unknown_group_options_list_the_valid_names() -> None:
                                "dare_magmax, dare_ties, last, magmax, random_mix, task_arithmetic, ties")
     with pytest.raises(UserError) as info:
         compose_config(["benchmark=cifar100"])
-    assert str(info.value) == ("unknown benchmark 'cifar100'; valid benchmarks: class_incremental/world, "
-                               "domain_incremental/world")
-    with pytest.raises(UserError, match=r"^unknown model 'vit'; valid models: world_tiny$"):
+    assert str(info.value) == (
+        "unknown benchmark 'cifar100'; valid benchmarks: class_incremental/cars, class_incremental/cifar100, "
+        "class_incremental/cub200, class_incremental/imagenet_r, class_incremental/world, "
+        "domain_incremental/domainnet, domain_incremental/imagenet_r, domain_incremental/world, "
+        "multi_dataset/eight_datasets")
+    with pytest.raises(UserError, match=r"^unknown model 'vit'; valid models: vit_b16, vit_b32, vit_l14, world_tiny$"):
         compose_config(["model=vit"])
 
 
