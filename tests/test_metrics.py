@@ -40,3 +40,52 @@ def test_single_task_metrics_that_need_two_tasks_are_none() -> None:
     summary = metrics.summary([[3]], [4])
     assert summary["final_accuracy"] == 0.75
     assert summary["forgetting"] is None and summary["backward_transfer"] is None
+
+
+ZERO_SHOT = [3, 1, 2]  # theta_0's counts: A[0] = [0.3, 0.1, 0.1]
+
+
+def test_seen_accuracy_after_each_step() -> None:
+    assert metrics.seen_accuracy(CORRECT, SIZES) == pytest.approx([0.8, 0.7, 0.5])
+
+
+def test_forward_transfer_uses_the_zero_shot_baseline() -> None:
+    acc = metrics.accuracy_matrix(CORRECT, SIZES)
+    # ((A[1][2] - A[0][2]) + (A[2][3] - A[0][3])) / 2 = ((0.2 - 0.1) + (0.15 - 0.1)) / 2
+    assert metrics.forward_transfer(acc, [0.3, 0.1, 0.1]) == pytest.approx(0.075)
+
+
+def test_zscl_transfer_and_average() -> None:
+    acc = metrics.accuracy_matrix(CORRECT, SIZES)
+    # task 2: A[1][2] = 0.2; task 3: (A[1][3] + A[2][3]) / 2 = (0.05 + 0.15) / 2 = 0.1
+    assert metrics.zscl_transfer(acc) == pytest.approx((0.2 + 0.1) / 2)
+    assert metrics.zscl_average(acc) == pytest.approx(4.1 / 9)
+
+
+def test_future_zero_shot_change_per_step() -> None:
+    acc = metrics.accuracy_matrix(CORRECT, SIZES)
+    # step 1: mean(0.2 - 0.1, 0.05 - 0.1) = 0.025; step 2: 0.15 - 0.1; step 3: no future task
+    assert metrics.future_zero_shot_change(acc, [0.3, 0.1, 0.1]) == pytest.approx([0.025, 0.05, None])
+
+
+def test_summary_with_the_zero_shot_row() -> None:
+    summary = metrics.summary(CORRECT, SIZES, ZERO_SHOT)
+    assert summary["forward_transfer"] == pytest.approx(0.075)
+    assert summary["future_zero_shot_change_mean"] == pytest.approx(0.0375)
+    assert summary["zscl_transfer"] == pytest.approx(0.15)
+    without = metrics.summary(CORRECT, SIZES)
+    assert without["forward_transfer"] is None and without["future_zero_shot_change"] is None
+
+
+def test_the_zero_shot_model_transfers_nothing() -> None:
+    rows = [ZERO_SHOT] * 3
+    summary = metrics.summary(rows, SIZES, ZERO_SHOT)
+    assert summary["forward_transfer"] == 0 and summary["future_zero_shot_change_mean"] == 0
+    assert summary["forgetting"] == 0 and summary["backward_transfer"] == 0
+
+
+def test_single_task_transfer_metrics_are_none() -> None:
+    summary = metrics.summary([[3]], [4], [1])
+    assert summary["forward_transfer"] is None and summary["zscl_transfer"] is None
+    assert summary["future_zero_shot_change"] == [None] and summary["future_zero_shot_change_mean"] is None
+    assert summary["zscl_average"] == 0.75

@@ -109,6 +109,8 @@ class EvalConfig:
     methods: list[str] = field(default_factory=lambda: ["magmax", "average"])
     batch_size: int = 256
     baselines: bool = True  # also evaluate zero-shot and the un-merged fine-tuned models
+    num_workers: int = 0  # processes decoding the test images of real datasets (once per run)
+    image_cache_dir: Optional[str] = None  # where decoded real test images are memory-mapped; null = run dir
 
 
 @dataclass

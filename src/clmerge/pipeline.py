@@ -120,9 +120,9 @@ def evaluate(cfg: Config, console: Console, output_dir: Path, timings: Optional[
     deployment = Deployment(cfg, loaded, benchmark, device)
     merges = {name: (method_store(cfg, name), resolve(cfg, name, deployment)[0]) for name in cfg.eval.methods}
     start = time.perf_counter()
-    methods = evaluate_all(cfg, benchmark, loaded, source, merges, device, console)
+    evaluation = evaluate_all(cfg, benchmark, loaded, source, merges, device, console, output_dir)
     timings = {**(timings or {}), "eval": time.perf_counter() - start}
-    results = report.results_document(cfg, benchmark, source, merges, methods, timings)
+    results = report.results_document(cfg, benchmark, source, merges, evaluation, timings)
     report.write_json(output_dir / "results.json", results)
     report.print_results(results, console)
     console.print(f"results: {output_dir / 'results.json'}")

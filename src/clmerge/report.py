@@ -16,6 +16,7 @@ from rich.table import Table
 from clmerge import __version__
 from clmerge.benchmarks import Benchmark
 from clmerge.config import Config, FinetuneConfig
+from clmerge.evaluation.evaluate import Evaluation
 from clmerge.evaluation.metrics import accuracy_matrix, summary
 from clmerge.store import CheckpointDir, atomic_write_bytes
 from clmerge.training.finetune import steps_per_task
@@ -47,25 +48,25 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     atomic_write_bytes(path, json.dumps(payload, indent=2).encode())
 
 
-def method_entry(raw: dict[str, Any]) -> dict[str, Any]:
-    """Matrices and metrics of one method, both protocols, from its count matrices."""
-    sizes = raw["test_sizes"]
+def method_entry(raw: dict[str, Any], zero_shot: dict[str, list[int]], sizes: list[int]) -> dict[str, Any]:
+    """Matrices and metrics of one method, both protocols, from its count matrices and theta_0's counts."""
     return {
         "alpha": raw["alpha"],
         "correct": raw["correct"],
         "correct_task_aware": raw["correct_task_aware"],
         "accuracy_matrix": accuracy_matrix(raw["correct"], sizes),
         "accuracy_matrix_task_aware": accuracy_matrix(raw["correct_task_aware"], sizes),
-        **summary(raw["correct"], sizes),
-        "task_aware": summary(raw["correct_task_aware"], sizes),
+        **summary(raw["correct"], sizes, zero_shot["correct"]),
+        "task_aware": summary(raw["correct_task_aware"], sizes, zero_shot["correct_task_aware"]),
     }
 
 
 def results_document(cfg: Config, benchmark: Benchmark, source: CheckpointDir,
-                     merges: dict[str, tuple[CheckpointDir, float]], methods: dict[str, dict[str, Any]],
+                     merges: dict[str, tuple[CheckpointDir, float]], evaluation: Evaluation,
                      timings: dict[str, float]) -> dict[str, Any]:
-    """The versioned results.json of a run (DESIGN.md): accuracies are fractions in [0, 1]."""
-    sizes = next(iter(methods.values()))["test_sizes"] if methods else []
+    """The versioned results.json of a run (DESIGN.md): accuracies are fractions in [0, 1]; `zero_shot_row`
+    holds theta_0's counts c[0][j], the baseline of the transfer metrics."""
+    sizes = evaluation.sizes
     return {
         "schema_version": RESULTS_SCHEMA_VERSION,
         "clmerge_version": __version__,
@@ -75,10 +76,11 @@ def results_document(cfg: Config, benchmark: Benchmark, source: CheckpointDir,
                   "merge": {name: store.manifest["key"] for name, (store, _) in merges.items()}},
         "benchmark": benchmark.to_json(),
         "test_sizes": sizes,
+        "zero_shot_row": evaluation.zero_shot,
         "precision": cfg.finetune.precision,
         "seed": cfg.seed,
         "timings_s": timings,
-        "methods": {name: method_entry(raw) for name, raw in methods.items()},
+        "methods": {name: method_entry(raw, evaluation.zero_shot, sizes) for name, raw in evaluation.methods.items()},
     }
 
 
@@ -98,17 +100,18 @@ def print_results(results: dict[str, Any], console: Console) -> None:
         table.add_column("λ", justify="right")
     for task in results["benchmark"]["tasks"]:
         per_task.add_column(task["name"], justify="right")
-    for header in ("final", "AIA", "forgetting", "BWT", "final TA", "forgetting TA"):
+    for header in ("final", "final (w)", "AIA", "forgetting", "BWT", "FWT", "final TA", "forgetting TA"):
         summary_table.add_column(header, justify="right")
     for method, entry in results["methods"].items():
         alpha = f"{entry['alpha']:g}"
         per_task.add_row(method, alpha, *(_pct(a) for a in entry["accuracy_matrix"][-1]))
         aware = entry["task_aware"]
-        summary_table.add_row(method, alpha, _pct(entry["final_accuracy"]),
+        summary_table.add_row(method, alpha, _pct(entry["final_accuracy"]), _pct(entry["final_accuracy_weighted"]),
                               _pct(entry["average_incremental_accuracy"]), _pct(entry["forgetting"]),
-                              _pct(entry["backward_transfer"]), _pct(aware["final_accuracy"]),
-                              _pct(aware["forgetting"]))
+                              _pct(entry["backward_transfer"]), _pct(entry["forward_transfer"]),
+                              _pct(aware["final_accuracy"]), _pct(aware["forgetting"]))
     console.print(per_task)
     console.print(summary_table)
-    console.print("[dim]final: mean over tasks after the last step; AIA: average incremental accuracy; "
-                  "TA: task-aware (each task's own classes); the rest task-agnostic[/dim]")
+    console.print("[dim]final: mean over tasks after the last step; (w): weighted by test samples (the "
+                  "reference's headline); AIA: average incremental accuracy; FWT: accuracy on the next task "
+                  "minus zero-shot; TA: task-aware (each task's own classes); the rest task-agnostic[/dim]")

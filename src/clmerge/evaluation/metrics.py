@@ -1,7 +1,8 @@
 """Continual-learning metrics as pure functions of the count matrix (SPEC.md section 5).
 
 c[t][j]: correct predictions of the model after step t+1 on task j (0-based lists, T x T);
-n[j]: test samples of task j; A[t][j] = c[t][j] / n[j]. Metrics that need two tasks are None when T = 1.
+n[j]: test samples of task j; A[t][j] = c[t][j] / n[j]. SPEC.md's row A[0] (theta_0, zero-shot) is passed
+separately as `zero_shot` (a list over tasks). Metrics that need two tasks are None when T = 1.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 Matrix = Sequence[Sequence[float]]
+Row = Sequence[float]
 
 
 def accuracy_matrix(correct: Sequence[Sequence[int]], sizes: Sequence[int]) -> list[list[float]]:
@@ -26,11 +28,15 @@ def final_accuracy_weighted(correct: Sequence[Sequence[int]], sizes: Sequence[in
     return sum(correct[-1]) / sum(sizes)
 
 
+def seen_accuracy(correct: Sequence[Sequence[int]], sizes: Sequence[int]) -> list[float]:
+    """abar_t = sum_{j<=t} c[t][j] / sum_{j<=t} n[j]: accuracy on the tasks seen so far, after each step."""
+    return [sum(correct[t][: t + 1]) / sum(sizes[: t + 1]) for t in range(len(correct))]
+
+
 def average_incremental_accuracy(correct: Sequence[Sequence[int]], sizes: Sequence[int]) -> float:
-    """AIA = (1/T) sum_t abar_t, with abar_t = sum_{j<=t} c[t][j] / sum_{j<=t} n[j] (seen tasks)."""
-    steps = len(correct)
-    seen = [sum(correct[t][: t + 1]) / sum(sizes[: t + 1]) for t in range(steps)]
-    return sum(seen) / steps
+    """AIA = (1/T) sum_t abar_t (see `seen_accuracy`)."""
+    seen = seen_accuracy(correct, sizes)
+    return sum(seen) / len(seen)
 
 
 def forgetting(acc: Matrix) -> Optional[float]:
@@ -50,13 +56,58 @@ def backward_transfer(acc: Matrix) -> Optional[float]:
     return sum(acc[-1][j] - acc[j][j] for j in range(steps - 1)) / (steps - 1)
 
 
-def summary(correct: Sequence[Sequence[int]], sizes: Sequence[int]) -> dict[str, Optional[float]]:
-    """Every metric of one method under one protocol."""
+def forward_transfer(acc: Matrix, zero_shot: Row) -> Optional[float]:
+    """FWT = (1/(T-1)) sum_{j=2..T} (A[j-1][j] - A[0][j]): accuracy on the next task before learning it, minus
+    theta_0's zero-shot accuracy on it (the baseline is zero-shot CLIP, not a random model)."""
+    steps = len(acc)
+    if steps < 2:
+        return None
+    return sum(acc[j - 1][j] - zero_shot[j] for j in range(1, steps)) / (steps - 1)
+
+
+def zscl_transfer(acc: Matrix) -> Optional[float]:
+    """ZSCL Transfer = (1/(T-1)) sum_{j=2..T} (1/(j-1)) sum_{t<j} A[t][j]: mean accuracy on tasks not yet
+    learned (Zheng et al. 2023)."""
+    steps = len(acc)
+    if steps < 2:
+        return None
+    return sum(sum(acc[t][j] for t in range(j)) / j for j in range(1, steps)) / (steps - 1)
+
+
+def zscl_average(acc: Matrix) -> float:
+    """ZSCL Avg = (1/T) sum_j (1/T) sum_t A[t][j]: the mean of the whole matrix."""
+    return sum(sum(row) for row in acc) / (len(acc) * len(acc[0]))
+
+
+def future_zero_shot_change(acc: Matrix, zero_shot: Row) -> list[Optional[float]]:
+    """FZ_t = mean_{j>t} (A[t][j] - A[0][j]) after each step t; None after the last step (no future task)."""
+    steps = len(acc)
+    return [sum(acc[t][j] - zero_shot[j] for j in range(t + 1, steps)) / (steps - 1 - t) if t < steps - 1 else None
+            for t in range(steps)]
+
+
+def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def summary(correct: Sequence[Sequence[int]], sizes: Sequence[int],
+            zero_shot_correct: Optional[Sequence[int]] = None) -> dict[str, object]:
+    """Every metric of one method under one protocol; the zero-shot-relative ones need `zero_shot_correct`
+    (theta_0's counts on each task) and are None without it."""
     acc = accuracy_matrix(correct, sizes)
+    zero_shot = None if zero_shot_correct is None else [c / n for c, n in zip(zero_shot_correct, sizes)]
+    fz = None if zero_shot is None else future_zero_shot_change(acc, zero_shot)
     return {
         "final_accuracy": final_accuracy(acc),
         "final_accuracy_weighted": final_accuracy_weighted(correct, sizes),
+        "seen_accuracy": seen_accuracy(correct, sizes),
         "average_incremental_accuracy": average_incremental_accuracy(correct, sizes),
         "forgetting": forgetting(acc),
         "backward_transfer": backward_transfer(acc),
+        "forward_transfer": None if zero_shot is None else forward_transfer(acc, zero_shot),
+        "zscl_transfer": zscl_transfer(acc),
+        "zscl_average": zscl_average(acc),
+        "future_zero_shot_change": fz,
+        "future_zero_shot_change_mean": None if fz is None else _mean(fz),
     }
