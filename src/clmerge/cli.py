@@ -247,6 +247,45 @@ def config_show(overrides: ShowOverrides = None, benchmark: Benchmark = None, se
     typer.echo(_guard(lambda: hydra_app.show_config([*options, *(overrides or [])], config_name=name)), nl=False)
 
 
+@app.command("report")
+def report_command(
+        paths: Annotated[list[Path], typer.Argument(
+            metavar="PATH...", show_default=False,
+            help="Run or sweep folders (searched recursively for results.json) or results.json files.")],
+        out: Annotated[Optional[Path], typer.Option(
+            "--out", metavar="DIR", show_default=False,
+            help="Also write report.md, report.csv and report.json (every metric, both protocols) here.")] = None,
+        metric: Annotated[str, typer.Option(
+            "--metric", metavar="NAME",
+            help="Metric of the printed table: final_accuracy, final_accuracy_weighted, "
+                 "average_incremental_accuracy, forgetting, backward_transfer, forward_transfer, "
+                 "zscl_transfer, zscl_average or future_zero_shot_change_mean.")] = "final_accuracy",
+        protocol: Annotated[str, typer.Option(
+            "--protocol", metavar="agnostic|aware",
+            help="Task-agnostic (all-class head) or task-aware (each task's own classes).")] = "agnostic",
+        plots: Annotated[bool, typer.Option(
+            "--plots", help="Also write PNG plots under DIR/plots: accuracy-matrix heatmaps, accuracy after "
+                            "each step, lambda sensitivity (needs --out).")] = False) -> None:
+    """Compare runs and sweeps: methods x benchmarks, mean ± std over seeds.
+
+    Benchmarks with different configs are never averaged together; a sweep's job folder without
+    results.json (a failed job) is listed as skipped.
+
+    [bold]Examples[/bold]
+
+      clmerge report clmerge-runs/outputs
+
+      clmerge report clmerge-runs/outputs/multirun/run --out report --plots
+
+      clmerge report runs/a runs/b --metric forgetting --protocol aware
+    """
+    from rich.console import Console
+
+    from clmerge.reporting import make_report
+
+    _guard(lambda: make_report(list(paths), Console(), out, metric, protocol, plots))
+
+
 DatasetName = Annotated[str, typer.Argument(
     metavar="NAME", show_default=False,
     help="cifar100, imagenet_r, cub200, cars, domainnet, mnist, svhn, eurosat, gtsrb, resisc45, sun397 or dtd.")]
