@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +23,14 @@ from clmerge.merging.job import fold
 from clmerge.store import BASE_FILE, CheckpointDir, task_file
 
 Tensors = dict[str, torch.Tensor]
-IMAGES_FILE = ".test_images.npy"  # the decoded test images of a run, deleted when evaluation ends
 
 
 @contextmanager
 def decoded_test_set(cfg: Config, benchmark: Benchmark, loaded: LoadedModel, work_dir: Path) -> Iterator[TestSet]:
-    """Every task's test split, decoded once (real images into a memory-mapped file under `work_dir`)."""
+    """Every task's test split, decoded once (real images into a memory-mapped file under `work_dir`, or
+    eval.image_cache_dir, deleted when evaluation ends)."""
     pixels, normalize = split_normalize(loaded.eval_transform)
-    cache = Path(cfg.eval.image_cache_dir or work_dir) / IMAGES_FILE
+    cache = Path(cfg.eval.image_cache_dir or work_dir) / f".test_images-{os.getpid()}.npy"  # one per job
     try:
         yield collect_test_set([task_split(cfg.benchmark, task, "test", cfg.seed, cfg.paths.data, pixels)
                                 for task in benchmark.tasks],

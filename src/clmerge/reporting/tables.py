@@ -57,7 +57,8 @@ def _grid(groups: list[Group], metric: str, protocol: str) -> tuple[list[str], l
 def rich_table(groups: list[Group], metric: str, protocol: str) -> Table:
     """Methods x benchmarks for one metric."""
     header, rows = _grid(groups, metric, protocol)
-    table = Table(title=f"{TITLES[metric]}, {PROTOCOL_TITLES[protocol]} (%, mean ± std over seeds (n))")
+    table = Table(title=f"{TITLES[metric]}, {PROTOCOL_TITLES[protocol]}",
+                  caption="%: mean ± std over seeds (number of seeds)")
     table.add_column(Text(header[0]))
     for name in header[1:]:
         table.add_column(Text(name), justify="right")
