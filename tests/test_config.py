@@ -12,7 +12,8 @@ from clmerge.hydra_app import compose_config, expand_jobs, show_config, validate
 from clmerge.store import finetune_key
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_"))
+# conf/hydra/ holds Hydra's own groups (launchers: tests/test_sweeps.py), not options of the job config
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_") and p.name != "hydra")
 
 
 def group_options(group: str) -> list[str]:
