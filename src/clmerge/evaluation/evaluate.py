@@ -22,7 +22,6 @@ from clmerge.models.tower import load_tower
 from clmerge.merging.job import fold
 from clmerge.store import BASE_FILE, CheckpointDir, task_file
 
-Tensors = dict[str, torch.Tensor]
 
 
 @contextmanager
