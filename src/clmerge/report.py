@@ -90,28 +90,34 @@ def _pct(value: Optional[float]) -> str:
     return f"{round(100 * value, 1) + 0.0:.1f}"  # + 0.0 turns -0.0 into 0.0
 
 
+def _metrics_row(entry: dict[str, Any]) -> list[str]:
+    return [_pct(entry["final_accuracy"]), _pct(entry["final_accuracy_weighted"]),
+            _pct(entry["average_incremental_accuracy"]), _pct(entry["forgetting"]),
+            _pct(entry["backward_transfer"]), _pct(entry["forward_transfer"])]
+
+
 def print_results(results: dict[str, Any], console: Console) -> None:
-    """Two terminal tables (%): accuracy on each task after the last step, and the summary metrics."""
+    """Three terminal tables (%): accuracy on each task after the last step, then the metrics under the
+    task-agnostic and the task-aware protocol."""
     title = f"{results['benchmark']['name']}, seed {results['seed']}"
     per_task = Table(title=f"{title}: accuracy on each task after the last step (all-class head, %)")
-    summary_table = Table(title=f"{title}: metrics (%)")
-    for table in (per_task, summary_table):
-        table.add_column("method")
+    agnostic = Table(title=f"{title}: metrics, task-agnostic (all-class head, %)")
+    aware = Table(title=f"{title}: metrics, task-aware (each task's own classes, %)")
+    for table in (per_task, agnostic, aware):
+        table.add_column("method", no_wrap=True)
         table.add_column("λ", justify="right")
     for task in results["benchmark"]["tasks"]:
         per_task.add_column(task["name"], justify="right")
-    for header in ("final", "final (w)", "AIA", "forgetting", "BWT", "FWT", "final TA", "forgetting TA"):
-        summary_table.add_column(header, justify="right")
+    for table in (agnostic, aware):
+        for header in ("final", "final w", "AIA", "forget", "BWT", "FWT"):
+            table.add_column(header, justify="right", no_wrap=True)
     for method, entry in results["methods"].items():
         alpha = f"{entry['alpha']:g}"
         per_task.add_row(method, alpha, *(_pct(a) for a in entry["accuracy_matrix"][-1]))
-        aware = entry["task_aware"]
-        summary_table.add_row(method, alpha, _pct(entry["final_accuracy"]), _pct(entry["final_accuracy_weighted"]),
-                              _pct(entry["average_incremental_accuracy"]), _pct(entry["forgetting"]),
-                              _pct(entry["backward_transfer"]), _pct(entry["forward_transfer"]),
-                              _pct(aware["final_accuracy"]), _pct(aware["forgetting"]))
-    console.print(per_task)
-    console.print(summary_table)
-    console.print("[dim]final: mean over tasks after the last step; (w): weighted by test samples (the "
-                  "reference's headline); AIA: average incremental accuracy; FWT: accuracy on the next task "
-                  "minus zero-shot; TA: task-aware (each task's own classes); the rest task-agnostic[/dim]")
+        agnostic.add_row(method, alpha, *_metrics_row(entry))
+        aware.add_row(method, alpha, *_metrics_row(entry["task_aware"]))
+    for table in (per_task, agnostic, aware):
+        console.print(table)
+    console.print("[dim]final: mean over tasks after the last step; final w: weighted by test samples (the "
+                  "reference's headline); AIA: average incremental accuracy; forget: forgetting; "
+                  "FWT: accuracy on the next task minus zero-shot[/dim]")
