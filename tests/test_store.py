@@ -1,6 +1,8 @@
 """Checkpoint store: round trip, hash verification, atomic writes, keys, locks."""
 
 import dataclasses
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -59,12 +61,33 @@ def test_keys_depend_on_weight_relevant_fields_only(tmp_path: Path) -> None:
     assert merge_dir(base, "magmax", {}).path.parent.name == finetune_key(base)
 
 
-def test_a_second_writer_is_stopped_with_a_clear_error(tmp_path: Path) -> None:
+def test_a_second_writer_is_stopped_with_a_clear_error_when_it_may_not_wait(tmp_path: Path) -> None:
     store = finetune_dir(make_cfg(tmp_path))
     with store.lock():
         with pytest.raises(UserError, match="another clmerge process"):
-            with finetune_dir(make_cfg(tmp_path)).lock():
+            with finetune_dir(make_cfg(tmp_path)).lock(wait=False):
                 pass
+
+
+def test_a_second_writer_waits_and_then_sees_what_the_first_wrote(tmp_path: Path) -> None:
+    first, second = finetune_dir(make_cfg(tmp_path)), finetune_dir(make_cfg(tmp_path))
+    holding, events = threading.Event(), []
+
+    def writer() -> None:
+        with first.lock():
+            holding.set()
+            time.sleep(0.3)
+            first.save(task_file(0), {"visual.a": torch.ones(2)})
+            events.append("first done")
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    holding.wait()
+    with second.lock():
+        events.append("second in")
+        assert second.has(task_file(0))  # the manifest was re-read after the wait
+    thread.join()
+    assert events == ["first done", "second in"]
 
 
 def test_corrupt_manifest_is_a_clear_error(tmp_path: Path) -> None:

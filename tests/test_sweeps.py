@@ -1,16 +1,18 @@
 """Sweeps at scale: the launcher configs compose, a joblib multirun on the built-in world is aggregated by
-`clmerge report`, and jobs that meet on one checkpoint-store key stop with one clear line."""
+`clmerge report`, and a job that meets another on one checkpoint-store key waits for it and reuses its work."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
 from clmerge import pipeline
-from clmerge.errors import UserError
 from clmerge.reporting import make_report
 from clmerge.store import finetune_dir
 from conftest import run_clmerge
@@ -46,10 +48,36 @@ def test_joblib_multirun_of_two_seeds_is_aggregated_by_report(tmp_path: Path) ->
     assert record["n"] == 2 and record["mean"] == pytest.approx(sum(finals) / 2)
 
 
-def test_a_second_job_on_a_key_being_written_stops_with_one_line(tmp_path: Path) -> None:
+def held_by_another(lock_file: Path) -> bool:
+    """Whether someone else holds the flock on `lock_file`."""
+    if not lock_file.exists():
+        return False
+    with open(lock_file) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+def test_a_second_job_on_a_key_being_written_waits_and_reuses_its_work(tmp_path: Path) -> None:
     from test_pipeline import tiny_cfg
 
     cfg = tiny_cfg(tmp_path)
-    with finetune_dir(cfg).lock():  # another job of the sweep is fine-tuning this key
-        with pytest.raises(UserError, match="another clmerge process is writing .*; wait for it to finish"):
-            pipeline.finetune(cfg, Console(quiet=True))
+    finished: list[int] = []
+
+    def first_job() -> None:
+        pipeline.finetune(cfg, Console(quiet=True))
+        finished.append(time.time_ns())
+
+    thread = threading.Thread(target=first_job)
+    thread.start()
+    while not held_by_another(finetune_dir(cfg).path / ".lock"):  # the first job of the sweep holds the key
+        time.sleep(0.01)
+    path = pipeline.finetune(cfg, Console(quiet=True))  # waits, then finds every task done
+    assert finished, "the second job returned before the first one finished"
+    thread.join()
+    tasks = [path / f"task_{i:03d}.safetensors" for i in range(cfg.benchmark.num_tasks)]
+    assert all(task.stat().st_mtime_ns <= finished[0] for task in tasks)  # nothing was trained twice
+    assert json.loads((path / "manifest.json").read_text())["status"] == "complete"

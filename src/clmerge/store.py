@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ from clmerge.config import Config
 from clmerge.errors import NotFinetuned, UserError
 
 SCHEMA_VERSION = 1
+_log = logging.getLogger(__name__)
 Tensors = dict[str, torch.Tensor]
 
 # Fields that do not change the weights a fine-tuning run produces.
@@ -170,14 +172,22 @@ class CheckpointDir:
         return self.manifest["files"][name]
 
     @contextmanager
-    def lock(self) -> Iterator[None]:
-        """Hold an exclusive lock on this key; a second writer stops with a clear error."""
+    def lock(self, wait: bool = True) -> Iterator[None]:
+        """Hold an exclusive lock on this key, then re-read the manifest (another writer may have added files).
+
+        A second writer waits for the first (`wait`), or stops at once with a clear error.
+        """
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.path / ".lock", "w") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise UserError(f"another clmerge process is writing {self.path}; wait for it to finish") from None
+                if not wait:
+                    raise UserError(f"another clmerge process is writing {self.path}; "
+                                    "wait for it to finish") from None
+                _log.warning("waiting for another clmerge process writing %s", self.path)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            self.manifest = self._read_manifest()
             try:
                 yield
             finally:
