@@ -19,13 +19,7 @@ from clmerge.merging.sources import open_sources
 Vector = dict[str, torch.Tensor]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one torch thread (two threads only wait on each other on a shared 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_vectors(num_tasks: int, seed: int = 0) -> list[Vector]:
