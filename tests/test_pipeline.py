@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,19 @@ def test_changing_lambda_reuses_the_merged_vectors(tmp_path: Path) -> None:
     second = pipeline.merge(cfg2, QUIET, output_dir=tmp_path / "b")
     assert first == second
     assert json.loads((tmp_path / "b" / "merge.json").read_text())["methods"]["magmax"]["alpha"] == 0.3
+
+
+def test_training_log_is_off_by_default_and_records_every_step_as_csv(tmp_path: Path) -> None:
+    cfg = tiny_cfg(tmp_path)
+    pipeline.finetune(cfg, QUIET, tmp_path / "quiet")
+    assert not (tmp_path / "quiet" / "training_log.csv").exists()
+    logged = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, log="csv"))
+    assert finetune_dir(logged).path == finetune_dir(cfg).path  # logging does not change the store key
+    shutil.rmtree(finetune_dir(cfg).path)
+    pipeline.finetune(logged, QUIET, tmp_path / "run")
+    rows = (tmp_path / "run" / "training_log.csv").read_text().splitlines()
+    assert rows[0] == "task,step,lr,loss,seconds"
+    steps = [row.split(",") for row in rows[1:]]
+    assert [(task, int(step)) for task, step, *_ in steps] == [
+        (f"task{t}", s) for t in (1, 2, 3) for s in (1, 2)]
+    assert all(float(lr) > 0 and float(loss) > 0 for _, _, lr, loss, _ in steps)

@@ -323,7 +323,7 @@ def _call_library(command: str, cfg: Any, console: Console, output_dir: Path) ->
 
         pretrain(cfg, console)
     elif command == "finetune":
-        pipeline.finetune(cfg, console)
+        pipeline.finetune(cfg, console, output_dir)
     elif command == "merge":
         pipeline.merge(cfg, console, output_dir=output_dir)
     elif command == "eval":

@@ -41,9 +41,13 @@ def _model_and_benchmark(cfg: Config, device: torch.device) -> tuple[LoadedModel
     return load_model(cfg.model, device, init_seed=derived_seed(cfg.seed, "init")), benchmark
 
 
-def finetune(cfg: Config, console: Console) -> Path:
-    """Fine-tune every task of the benchmark (skipping tasks already in the store); returns the run's dir."""
+def finetune(cfg: Config, console: Console, output_dir: Optional[Path] = None) -> Path:
+    """Fine-tune every task of the benchmark (skipping tasks already in the store); returns the run's dir.
+
+    With `finetune.log=csv`, every optimizer step is appended to output_dir/training_log.csv.
+    """
     check_recipe(cfg.finetune)
+    log = report.TrainingLog(output_dir / "training_log.csv" if cfg.finetune.log == "csv" and output_dir else None)
     device = _prepare(cfg)
     loaded, benchmark = _model_and_benchmark(cfg, device)
     store = finetune_dir(cfg)
@@ -73,7 +77,8 @@ def finetune(cfg: Config, console: Console) -> Path:
                 recipe = recipes[task.index]
                 stats = train_task(loaded.model, params, task_recipe(head_all, task.classes, restrict), dataset,
                                    recipe, derived_seed(cfg.seed, "shuffle", task.index), device,
-                                   on_step=report.task_bar(progress, task.name, recipe, len(dataset)))
+                                   on_step=log.step_callback(
+                                       task.name, report.task_bar(progress, task.name, recipe, len(dataset))))
                 tau = task_vector(loaded.model, base)
                 check_finite(tau, f"the task vector of {task.name}")
                 store.save(name, tau, task=task.name, **asdict(stats))
@@ -132,5 +137,5 @@ def evaluate(cfg: Config, console: Console, output_dir: Path, timings: Optional[
 def run(cfg: Config, console: Console, output_dir: Path) -> dict:
     """finetune, then merge with every method of cfg.eval.methods, then evaluate."""
     start = time.perf_counter()
-    finetune(cfg, console)
+    finetune(cfg, console, output_dir)
     return evaluate(cfg, console, output_dir, timings={"finetune": time.perf_counter() - start})

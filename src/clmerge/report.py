@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -31,15 +32,42 @@ def training_progress(console: Console) -> Progress:
                     TimeElapsedColumn(), console=console)
 
 
-def task_bar(progress: Progress, name: str, cfg: FinetuneConfig, num_examples: int) -> Callable[[int, float], None]:
+def task_bar(progress: Progress, name: str, cfg: FinetuneConfig,
+             num_examples: int) -> Callable[[int, float, float], None]:
     """Add a bar for one task; returns the callback that advances it after each optimizer step."""
     bar = progress.add_task(name, total=steps_per_task(cfg, num_examples), loss=float("nan"), rate=0.0)
 
-    def on_step(step: int, loss: float) -> None:
+    def on_step(step: int, loss: float, lr: float) -> None:
         elapsed = progress.tasks[bar].elapsed or 1e-9
         progress.update(bar, completed=step, loss=loss, rate=step * cfg.batch_size / elapsed)
 
     return on_step
+
+
+class TrainingLog:
+    """Optional CSV of every optimizer step (`finetune.log=csv`): task, step, lr, loss, seconds."""
+
+    HEADER = "task,step,lr,loss,seconds\n"
+
+    def __init__(self, path: Optional[Path]):
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(self.HEADER)
+        self._start = time.perf_counter()
+
+    def step_callback(self, task: str,
+                      then: Callable[[int, float, float], None]) -> Callable[[int, float, float], None]:
+        """`then`, preceded by appending the step to the log when logging is on."""
+        if self.path is None:
+            return then
+
+        def on_step(step: int, loss: float, lr: float) -> None:
+            with open(self.path, "a") as handle:
+                handle.write(f"{task},{step},{lr:.6g},{loss:.6g},{time.perf_counter() - self._start:.3f}\n")
+            then(step, loss, lr)
+
+        return on_step
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

@@ -32,7 +32,7 @@ _log = logging.getLogger(__name__)
 Tensors = dict[str, torch.Tensor]
 
 # Fields that do not change the weights a fine-tuning run produces.
-_FINETUNE_KEY_IGNORED = {"num_workers", "device"}
+_FINETUNE_KEY_IGNORED = {"num_workers", "device", "log"}
 
 
 def config_hash(payload: Any) -> str:

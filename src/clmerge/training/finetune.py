@@ -21,7 +21,7 @@ from clmerge.models.heads import logits
 from clmerge.training.precision import autocast
 from clmerge.training.schedule import lr_at, peak_lr, warmup_length
 
-StepCallback = Callable[[int, float], None]
+StepCallback = Callable[[int, float, float], None]  # (step, loss, lr)
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,8 @@ def effective_recipe(cfg: FinetuneConfig, task_epochs: Optional[int]) -> Finetun
 
 def check_recipe(cfg: FinetuneConfig) -> None:
     """Reject recipe values no run could use."""
+    if cfg.log not in ("none", "csv"):
+        raise UserError(f"finetune.log must be none or csv, got {cfg.log}")
     if cfg.batch_size < 1:
         raise UserError(f"finetune.batch_size must be at least 1, got {cfg.batch_size}")
     if cfg.steps is not None and cfg.steps < 1:
@@ -102,8 +104,9 @@ def train_task(model: torch.nn.Module, params: list[torch.nn.Parameter], recipe:
         for images, labels in loader:
             if step >= total:
                 break
+            lr = lr_at(step, cfg.lr, warmup, total)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg.lr, warmup, total)
+                group["lr"] = lr
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with autocast(cfg.precision, device):
@@ -117,7 +120,7 @@ def train_task(model: torch.nn.Module, params: list[torch.nn.Parameter], recipe:
                 raise UserError(f"the loss became {loss_value} at step {step + 1}; lower finetune.lr and rerun")
             step, seen = step + 1, seen + len(labels)
             if on_step is not None:
-                on_step(step, loss_value)
+                on_step(step, loss_value, lr)
     seconds = time.perf_counter() - start
     return TaskStats(steps=total, warmup_steps=warmup, peak_lr=peak_lr(cfg.lr, warmup, total),
                      final_loss=loss_value, seconds=seconds, images_per_second=seen / max(seconds, 1e-9))
