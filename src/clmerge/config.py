@@ -70,6 +70,7 @@ class FinetuneConfig:
     precision: str = "fp32"
     num_workers: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log: str = "none"  # none | csv: every optimizer step to <run dir>/training_log.csv
 
 
 @dataclass
@@ -138,18 +139,26 @@ class Config:
 
 @dataclass
 class PretrainConfig:
-    """`clmerge pretrain`: contrastive pretraining of the built-in tiny CLIP on world captions."""
+    """`clmerge pretrain`: contrastive pretraining of the built-in tiny CLIP on world captions.
+
+    The defaults are the recipe of the shipped weights (`clmerge/assets/world_clip.safetensors`).
+    """
 
     output: str = "world_clip.safetensors"
-    steps: int = 1500
-    batch_size: int = 256
-    lr: float = 1e-3
+    model: str = "world-tiny"
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 2e-3
     weight_decay: float = 0.1
-    warmup_steps: int = 100
-    num_pairs: int = 120_000
+    warmup_steps: int = 150
+    num_pairs: int = 150_000
+    mix: dict[str, float] = field(default_factory=lambda: {
+        "plain": 0.46, "outline": 0.08, "noise": 0.08, "texture": 0.08, "pixel": 0.08, "fog": 0.06,
+        "swirl": 0.06, "blur": 0.05, "invert": 0.05})  # share of pretraining pairs per world domain
     seed: int = 0
-    threads: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    workers: int = 2  # processes rendering the pairs
+    save_dtype: str = "float16"  # storage dtype of the floating tensors in the weights file
 
 
 SETTINGS = ("class_incremental", "domain_incremental", "multi_dataset")
