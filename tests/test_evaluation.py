@@ -5,12 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 from torchvision import transforms
 
+from clmerge.config import BenchmarkConfig
+from clmerge.errors import UserError
 from clmerge.evaluation.accuracy import count_correct
+from clmerge.evaluation.control import controls
 from clmerge.evaluation.testset import collect_test_set, split_normalize
 
 EVAL = transforms.Compose([transforms.Resize(8), transforms.CenterCrop(8), transforms.ToTensor(),
@@ -93,3 +97,22 @@ def test_zero_shot_heads_are_cached_by_text_weights_and_prompts(tmp_path: Path, 
         assert head_cache.head_key(loaded.model, benchmark, cpu) == key
         loaded.model.logit_scale.add_(1.0)
         assert head_cache.head_key(loaded.model, benchmark, cpu) != key
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("world/nowhere", "names no world domain"), ("cifar100/sketch", "only world/<domain> takes a domain"),
+    ("no_such_dataset", "no_such_dataset")])
+def test_bad_control_sets_are_one_line_errors(entry: str, message: str) -> None:
+    cfg = BenchmarkConfig(name="b", setting="class_incremental", dataset="world", templates="world",
+                          control=[entry])
+    with pytest.raises(UserError, match=message):
+        controls(cfg, None, 0)
+
+
+def test_a_world_control_set_is_one_task_of_every_class_in_its_domain() -> None:
+    cfg = BenchmarkConfig(name="b", setting="domain_incremental", dataset="world", templates="world",
+                          domains=["outline", "noise"], num_tasks=2, control=["world/swirl"])
+    (control,) = controls(cfg, None, 3)
+    assert control.config.world.domain == "swirl" and control.config.setting == "class_incremental"
+    assert len(control.benchmark.tasks) == 1 and control.benchmark.tasks[0].classes == tuple(range(20))
+    assert control.seed != controls(cfg, None, 4)[0].seed

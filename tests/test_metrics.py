@@ -89,3 +89,21 @@ def test_single_task_transfer_metrics_are_none() -> None:
     assert summary["forward_transfer"] is None and summary["zscl_transfer"] is None
     assert summary["future_zero_shot_change"] == [None] and summary["future_zero_shot_change_mean"] is None
     assert summary["zscl_average"] == 0.75
+
+
+def test_zero_shot_retention_over_two_control_sets() -> None:
+    # two control sets of 10 and 20 samples; theta_0 gets 5 and 10 right (50 % each)
+    correct = {"a": [5, 3, 6], "b": [10, 12, 4]}
+    out = metrics.zero_shot_retention(correct, {"a": 5, "b": 10}, {"a": 10, "b": 20})
+    # step 1: (0 + 0)/2; step 2: (-0.2 + 0.1)/2; step 3: (0.1 - 0.3)/2
+    assert out["zero_shot_retention"] == pytest.approx([0.0, -0.05, -0.1])
+    # ratio: step 2: (3/5 + 12/10)/2 = 0.9; step 3: (6/5 + 4/10)/2 = 0.8
+    assert out["zero_shot_retention_ratio"] == pytest.approx([1.0, 0.9, 0.8])
+    assert out["zero_shot_retention_final"] == pytest.approx(-0.1)
+    assert out["zero_shot_retention_ratio_final"] == pytest.approx(0.8)
+
+
+def test_zero_shot_retention_without_control_sets_or_zero_shot_hits() -> None:
+    assert set(metrics.zero_shot_retention({}, {}, {}).values()) == {None}
+    out = metrics.zero_shot_retention({"a": [2, 4]}, {"a": 0}, {"a": 10})
+    assert out["zero_shot_retention"] == pytest.approx([0.2, 0.4]) and out["zero_shot_retention_ratio"] is None

@@ -89,6 +89,26 @@ def test_run_writes_a_complete_results_file(tmp_path: Path, setting: str) -> Non
     assert methods["magmax"]["alpha"] == 0.5 and methods["average"]["alpha"] == 1.0
     if setting == "domain_incremental":
         assert methods["seq_ft"]["correct"] == methods["seq_ft"]["correct_task_aware"]
+    assert on_disk["control_sizes"] == {}  # no control set configured: no zero-shot retention
+    assert methods["seq_ft"]["zero_shot_retention"] is None
+
+
+def test_zero_shot_retention_on_a_held_out_world_domain(tmp_path: Path) -> None:
+    cfg = tiny_cfg(tmp_path)
+    cfg = dataclasses.replace(cfg, benchmark=dataclasses.replace(cfg.benchmark, control=["world/swirl", "world/dots"]))
+    results = pipeline.run(cfg, QUIET, tmp_path / "out")
+    assert results["control_sizes"] == {"world/swirl": 60, "world/dots": 60}  # 20 classes x 3 test images
+    zero = results["zero_shot_row"]["control_correct"]
+    methods = results["methods"]
+    assert methods["zero_shot"]["zero_shot_retention"] == [0.0, 0.0, 0.0]
+    for name in ("seq_ft", "magmax"):
+        counts = methods[name]["control_correct"]
+        expected = [((counts["world/swirl"][t] - zero["world/swirl"]) / 60
+                     + (counts["world/dots"][t] - zero["world/dots"]) / 60) / 2 for t in range(3)]
+        assert methods[name]["zero_shot_retention"] == pytest.approx(expected)
+        assert methods[name]["zero_shot_retention_final"] == pytest.approx(expected[-1])
+    # after step 1, averaging with lambda 1 is the fine-tuned model: same control counts
+    assert methods["average"]["control_correct"]["world/swirl"][0] == methods["seq_ft"]["control_correct"]["world/swirl"][0]
 
 
 def test_changing_lambda_reuses_the_merged_vectors(tmp_path: Path) -> None:

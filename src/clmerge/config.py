@@ -49,6 +49,8 @@ class BenchmarkConfig:
     epochs: Optional[int] = 10  # the reference's epochs per task; finetune=reference uses it
     dataset_epochs: dict[str, int] = field(default_factory=dict)  # multi_dataset: epochs per dataset
     skip_corrupt: bool = False  # drop unreadable images (with a warning) instead of failing on them
+    # held-out control sets for zero-shot retention (ZR): world/<domain> or a prepared real dataset's name
+    control: list[str] = field(default_factory=list)
     world: WorldDataConfig = field(default_factory=WorldDataConfig)
 
 

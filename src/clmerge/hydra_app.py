@@ -266,11 +266,14 @@ def _preflight(command: str, cfg: AnyConfig) -> None:
     if not isinstance(cfg, Config):
         return
     from clmerge.benchmarks import build_benchmark
+    from clmerge.evaluation.control import controls
     from clmerge.merging.alpha import check_validation_split, parse_alpha
     from clmerge.merging.methods import get_method
     from clmerge.training.finetune import check_recipe
 
     build_benchmark(cfg.benchmark)
+    if command in ("eval", "run"):
+        controls(cfg.benchmark, None, cfg.seed)
     if command in ("finetune", "run"):
         check_recipe(cfg.finetune)
     methods = {"merge": [cfg.merge.method], "eval": cfg.eval.methods, "run": cfg.eval.methods}.get(command, [])

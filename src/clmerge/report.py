@@ -18,7 +18,7 @@ from clmerge import __version__
 from clmerge.benchmarks import Benchmark
 from clmerge.config import Config, FinetuneConfig
 from clmerge.evaluation.evaluate import Evaluation
-from clmerge.evaluation.metrics import accuracy_matrix, summary
+from clmerge.evaluation.metrics import accuracy_matrix, summary, zero_shot_retention
 from clmerge.store import CheckpointDir, atomic_write_bytes
 from clmerge.training.finetune import steps_per_task
 
@@ -76,16 +76,21 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     atomic_write_bytes(path, json.dumps(payload, indent=2).encode())
 
 
-def method_entry(raw: dict[str, Any], zero_shot: dict[str, list[int]], sizes: list[int]) -> dict[str, Any]:
-    """Matrices and metrics of one method, both protocols, from its count matrices and theta_0's counts."""
+def method_entry(raw: dict[str, Any], zero_shot: dict[str, Any], sizes: list[int],
+                 control_sizes: dict[str, int]) -> dict[str, Any]:
+    """Matrices and metrics of one method, both protocols, from its count matrices and theta_0's counts;
+    zero-shot retention on the control sets (scored with their all-class heads, so protocol-free)."""
+    retention = zero_shot_retention(raw["control_correct"], zero_shot["control_correct"], control_sizes)
     return {
         "alpha": raw["alpha"],
         "correct": raw["correct"],
         "correct_task_aware": raw["correct_task_aware"],
         "accuracy_matrix": accuracy_matrix(raw["correct"], sizes),
         "accuracy_matrix_task_aware": accuracy_matrix(raw["correct_task_aware"], sizes),
+        "control_correct": raw["control_correct"],
         **summary(raw["correct"], sizes, zero_shot["correct"]),
-        "task_aware": summary(raw["correct_task_aware"], sizes, zero_shot["correct_task_aware"]),
+        **retention,
+        "task_aware": {**summary(raw["correct_task_aware"], sizes, zero_shot["correct_task_aware"]), **retention},
     }
 
 
@@ -105,10 +110,12 @@ def results_document(cfg: Config, benchmark: Benchmark, source: CheckpointDir,
         "benchmark": benchmark.to_json(),
         "test_sizes": sizes,
         "zero_shot_row": evaluation.zero_shot,
+        "control_sizes": evaluation.control_sizes,
         "precision": cfg.finetune.precision,
         "seed": cfg.seed,
         "timings_s": timings,
-        "methods": {name: method_entry(raw, evaluation.zero_shot, sizes) for name, raw in evaluation.methods.items()},
+        "methods": {name: method_entry(raw, evaluation.zero_shot, sizes, evaluation.control_sizes)
+                    for name, raw in evaluation.methods.items()},
     }
 
 
@@ -121,7 +128,8 @@ def _pct(value: Optional[float]) -> str:
 def _metrics_row(entry: dict[str, Any]) -> list[str]:
     return [_pct(entry["final_accuracy"]), _pct(entry["final_accuracy_weighted"]),
             _pct(entry["average_incremental_accuracy"]), _pct(entry["forgetting"]),
-            _pct(entry["backward_transfer"]), _pct(entry["forward_transfer"])]
+            _pct(entry["backward_transfer"]), _pct(entry["forward_transfer"]),
+            _pct(entry.get("zero_shot_retention_final"))]
 
 
 def print_results(results: dict[str, Any], console: Console) -> None:
@@ -137,7 +145,7 @@ def print_results(results: dict[str, Any], console: Console) -> None:
     for task in results["benchmark"]["tasks"]:
         per_task.add_column(task["name"], justify="right")
     for table in (agnostic, aware):
-        for header in ("final", "final w", "AIA", "forget", "BWT", "FWT"):
+        for header in ("final", "final w", "AIA", "forget", "BWT", "FWT", "ZR"):
             table.add_column(header, justify="right", no_wrap=True)
     for method, entry in results["methods"].items():
         alpha = f"{entry['alpha']:g}"
@@ -148,4 +156,5 @@ def print_results(results: dict[str, Any], console: Console) -> None:
         console.print(table)
     console.print("[dim]final: mean over tasks after the last step; final w: weighted by test samples (the "
                   "reference's headline); AIA: average incremental accuracy; forget: forgetting; "
-                  "FWT: accuracy on the next task minus zero-shot[/dim]")
+                  "FWT: accuracy on the next task minus zero-shot; ZR: accuracy on the held-out control sets "
+                  "(benchmark.control) minus zero-shot's[/dim]")

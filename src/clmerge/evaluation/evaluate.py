@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from rich.console import Console
 
 from clmerge.benchmarks import Benchmark
-from clmerge.config import Config
+from clmerge.config import BenchmarkConfig, Config
 from clmerge.data.registry import task_split
 from clmerge.evaluation.accuracy import Counts, TestSet, collect_test_set, count_correct
+from clmerge.evaluation.control import controls
 from clmerge.evaluation.head_cache import cached_head
 from clmerge.evaluation.testset import split_normalize
 from clmerge.models.loading import LoadedModel
@@ -23,15 +24,15 @@ from clmerge.merging.job import fold
 from clmerge.store import BASE_FILE, CheckpointDir, task_file
 
 
-
 @contextmanager
-def decoded_test_set(cfg: Config, benchmark: Benchmark, loaded: LoadedModel, work_dir: Path) -> Iterator[TestSet]:
+def decoded_test_set(cfg: Config, bench_cfg: BenchmarkConfig, benchmark: Benchmark, seed: int,
+                     loaded: LoadedModel, work_dir: Path) -> Iterator[TestSet]:
     """Every task's test split, decoded once (real images into a memory-mapped file under `work_dir`, or
     eval.image_cache_dir, deleted when evaluation ends)."""
     pixels, normalize = split_normalize(loaded.eval_transform)
-    cache = Path(cfg.eval.image_cache_dir or work_dir) / f".test_images-{os.getpid()}.npy"  # one per job
+    cache = Path(cfg.eval.image_cache_dir or work_dir) / f".test_images-{os.getpid()}-{benchmark.name}.npy"
     try:
-        yield collect_test_set([task_split(cfg.benchmark, task, "test", cfg.seed, cfg.paths.data, pixels)
+        yield collect_test_set([task_split(bench_cfg, task, "test", seed, cfg.paths.data, pixels)
                                 for task in benchmark.tasks],
                                [task.classes for task in benchmark.tasks], benchmark.num_classes,
                                cache=cache, normalize=normalize, num_workers=cfg.eval.num_workers)
@@ -39,22 +40,38 @@ def decoded_test_set(cfg: Config, benchmark: Benchmark, loaded: LoadedModel, wor
         cache.unlink(missing_ok=True)
 
 
-def _rows(model: torch.nn.Module, head: torch.Tensor, test: TestSet, cfg: Config, device: torch.device,
-          towers: Iterator[None]) -> dict[str, list[list[int]]]:
-    """Counts of each model that `towers` loads in turn (one row per step)."""
+@dataclass(frozen=True)
+class Probe:
+    """A test set and the head it is scored with: the benchmark's, or a control set's."""
+
+    name: str
+    head: torch.Tensor
+    test: TestSet
+
+
+def _rows(model: torch.nn.Module, main: Probe, controls: list[Probe], cfg: Config, device: torch.device,
+          towers: Iterator[None]) -> dict[str, Any]:
+    """Counts of each model that `towers` loads in turn (one row per step), on the benchmark and on every
+    control set (task-agnostic counts, one per step)."""
     rows: list[Counts] = []
+    control: dict[str, list[int]] = {probe.name: [] for probe in controls}
     for _ in towers:
-        rows.append(count_correct(model, head, test, cfg.eval.batch_size, device))
-    return {"correct": [r.agnostic for r in rows], "correct_task_aware": [r.aware for r in rows]}
+        rows.append(count_correct(model, main.head, main.test, cfg.eval.batch_size, device))
+        for probe in controls:
+            control[probe.name].append(count_correct(model, probe.head, probe.test, cfg.eval.batch_size,
+                                                     device).agnostic[0])
+    return {"correct": [r.agnostic for r in rows], "correct_task_aware": [r.aware for r in rows],
+            "control_correct": control}
 
 
 @dataclass(frozen=True)
 class Evaluation:
     """Count matrices of every evaluated model family, the zero-shot row A[0] and the test sizes n_j."""
 
-    methods: dict[str, dict]  # name -> {"alpha", "correct", "correct_task_aware"}
-    zero_shot: dict[str, list[int]]  # {"correct", "correct_task_aware"}: theta_0 on each task
+    methods: dict[str, dict]  # name -> {"alpha", "correct", "correct_task_aware", "control_correct"}
+    zero_shot: dict[str, Any]  # {"correct", "correct_task_aware"}: theta_0 on each task; "control_correct"
     sizes: list[int]
+    control_sizes: dict[str, int]  # test samples of each control set (benchmark.control)
 
 
 def evaluate_all(cfg: Config, benchmark: Benchmark, loaded: LoadedModel, source: CheckpointDir,
@@ -65,7 +82,8 @@ def evaluate_all(cfg: Config, benchmark: Benchmark, loaded: LoadedModel, source:
     model = loaded.model
     base = source.load(BASE_FILE)
     load_tower(model, base)
-    head = cached_head(model, loaded.tokenizer, benchmark, device, Path(cfg.paths.store) / "heads")
+    heads_root = Path(cfg.paths.store) / "heads"
+    head = cached_head(model, loaded.tokenizer, benchmark, device, heads_root)
     steps = range(len(benchmark.tasks))
 
     def zero_shot() -> Iterator[None]:
@@ -83,18 +101,27 @@ def evaluate_all(cfg: Config, benchmark: Benchmark, loaded: LoadedModel, source:
             yield
 
     results: dict[str, dict] = {}
-    with decoded_test_set(cfg, benchmark, loaded, work_dir) as test:
-        row = _rows(model, head, test, cfg, device, zero_shot())
+    with ExitStack() as stack:
+        test = stack.enter_context(decoded_test_set(cfg, cfg.benchmark, benchmark, cfg.seed, loaded, work_dir))
+        main = Probe(benchmark.name, head, test)
+        probes = [Probe(c.name, cached_head(model, loaded.tokenizer, c.benchmark, device, heads_root),
+                        stack.enter_context(decoded_test_set(cfg, c.config, c.benchmark, c.seed, loaded, work_dir)))
+                  for c in controls(cfg.benchmark, cfg.paths.data, cfg.seed)]
+        row = _rows(model, main, probes, cfg, device, zero_shot())
         if cfg.eval.baselines:
-            results["zero_shot"] = {"alpha": 0.0, **{k: v * len(steps) for k, v in row.items()}}
+            results["zero_shot"] = {"alpha": 0.0, "correct": row["correct"] * len(steps),
+                                    "correct_task_aware": row["correct_task_aware"] * len(steps),
+                                    "control_correct": {k: v * len(steps) for k, v in row["control_correct"].items()}}
             name = "seq_ft" if cfg.finetune.regime == "sequential" else "ind_ft"
-            results[name] = {"alpha": 1.0, **_rows(model, head, test, cfg, device, finetuned())}
+            results[name] = {"alpha": 1.0, **_rows(model, main, probes, cfg, device, finetuned())}
         for method, (_, alpha) in merges.items():
             console.print(f"evaluating {method} (lambda={alpha:g}) after each of {len(steps)} steps")
-            results[method] = {"alpha": alpha, **_rows(model, head, test, cfg, device, merged(method, alpha))}
+            results[method] = {"alpha": alpha, **_rows(model, main, probes, cfg, device, merged(method, alpha))}
         sizes = test.sizes()
-    zero = {key: rows[0] for key, rows in row.items()}
+        control_sizes = {probe.name: probe.test.sizes()[0] for probe in probes}
+    zero = {key: rows[0] for key, rows in row.items() if key != "control_correct"}
+    zero["control_correct"] = {k: v[0] for k, v in row["control_correct"].items()}
     if benchmark.own_heads:  # multi-dataset: each task is scored with its own head only (SPEC.md 5)
         for entry in (*results.values(), zero):
             entry["correct"] = entry["correct_task_aware"]
-    return Evaluation(results, zero, sizes)
+    return Evaluation(results, zero, sizes, control_sizes)

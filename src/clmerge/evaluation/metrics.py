@@ -86,6 +86,26 @@ def future_zero_shot_change(acc: Matrix, zero_shot: Row) -> list[Optional[float]
             for t in range(steps)]
 
 
+def zero_shot_retention(correct: dict[str, list[int]], zero_shot: dict[str, int],
+                        sizes: dict[str, int]) -> dict[str, object]:
+    """ZR_t = mean_h (acc(model_t, h) - acc(theta_0, h)) over the held-out control sets h, after each step, its
+    ratio form mean_h acc(model_t, h) / acc(theta_0, h), and both after the last step.
+
+    `correct[h][t]`: model_t's correct predictions on control set h; `zero_shot[h]`: theta_0's; `sizes[h]`: its
+    test samples. Everything is None without control sets; the ratio is None when theta_0 gets none right.
+    """
+    if not correct:
+        return {"zero_shot_retention": None, "zero_shot_retention_ratio": None,
+                "zero_shot_retention_final": None, "zero_shot_retention_ratio_final": None}
+    names = list(correct)
+    steps = range(len(correct[names[0]]))
+    diff = [sum((correct[h][t] - zero_shot[h]) / sizes[h] for h in names) / len(names) for t in steps]
+    ratio = None if any(zero_shot[h] == 0 for h in names) else [
+        sum(correct[h][t] / zero_shot[h] for h in names) / len(names) for t in steps]
+    return {"zero_shot_retention": diff, "zero_shot_retention_ratio": ratio,
+            "zero_shot_retention_final": diff[-1], "zero_shot_retention_ratio_final": ratio and ratio[-1]}
+
+
 def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
     present = [v for v in values if v is not None]
     return sum(present) / len(present) if present else None

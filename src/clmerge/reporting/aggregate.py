@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from clmerge.evaluation.metrics import summary
+from clmerge.evaluation.metrics import summary, zero_shot_retention
 from clmerge.reporting.collect import Run
 
 METRICS = ("final_accuracy", "final_accuracy_weighted", "average_incremental_accuracy", "forgetting",
-           "backward_transfer", "forward_transfer", "zscl_transfer", "zscl_average", "future_zero_shot_change_mean")
+           "backward_transfer", "forward_transfer", "zscl_transfer", "zscl_average", "future_zero_shot_change_mean",
+           "zero_shot_retention_final")
 PROTOCOLS = {"agnostic": "correct", "aware": "correct_task_aware"}  # protocol -> the counts of results.json
 # Config keys that never make a different experiment (or are the row's lambda, or the group itself).
 _NOT_A_VARIANT = ("seed", "threads", "paths.", "eval.", "merge.alpha", "merge.method", "merge.export",
@@ -101,9 +102,12 @@ def _zero_shot(results: dict[str, Any], counts: str) -> Optional[list[int]]:
 
 def _method_run(results: dict[str, Any], path: Path, entry: dict[str, Any]) -> MethodRun:
     sizes = results["test_sizes"]
+    retention = zero_shot_retention(entry.get("control_correct", {}),
+                                    results.get("zero_shot_row", {}).get("control_correct", {}),
+                                    results.get("control_sizes", {}))
     metrics, accuracy = {}, {}
     for protocol, counts in PROTOCOLS.items():
-        metrics[protocol] = summary(entry[counts], sizes, _zero_shot(results, counts))
+        metrics[protocol] = {**summary(entry[counts], sizes, _zero_shot(results, counts)), **retention}
         accuracy[protocol] = [[c / n for c, n in zip(row, sizes)] for row in entry[counts]]
     return MethodRun(results.get("seed", 0), path, metrics, accuracy)
 

@@ -25,6 +25,7 @@ TITLES = {
     "zscl_transfer": "ZSCL Transfer",
     "zscl_average": "ZSCL Avg",
     "future_zero_shot_change_mean": "zero-shot change on future tasks (mean FZ_t)",
+    "zero_shot_retention_final": "zero-shot retention on held-out control sets (ZR_T)",
 }
 PROTOCOL_TITLES = {"agnostic": "task-agnostic", "aware": "task-aware"}
 
