@@ -26,6 +26,7 @@ from clmerge.models.loading import LoadedModel, load_model
 from clmerge.models.tower import freeze_all_but_tower, load_tower, snapshot, task_vector
 from clmerge.store import BASE_FILE, finetune_dir, finished_finetune, task_file
 from clmerge.training.finetune import check_recipe, effective_recipe, task_recipe, train_task
+from clmerge.training.regimes import RegimeContext, make_regime
 from clmerge.training.precision import resolve_device
 
 
@@ -64,24 +65,24 @@ def finetune(cfg: Config, console: Console, output_dir: Optional[Path] = None) -
         recipes = [effective_recipe(cfg.finetune, task.epochs) for task in benchmark.tasks]
         head_all = benchmark_head(loaded.model, loaded.tokenizer, benchmark, device)
         restrict = benchmark.setting != "domain_incremental"  # a task's own classes (SPEC.md 3.3)
+        regime = make_regime(RegimeContext(cfg, store, loaded.model, params, base, benchmark, head_all, device))
         with report.training_progress(console) as progress:
             for task in benchmark.tasks:
-                name = task_file(task.index)
-                if store.has(name):
+                if store.has(task_file(task.index)):
                     console.print(f"[dim]{task.name}: already fine-tuned, skipped[/dim]")
                     continue
-                start = store.load(task_file(task.index - 1)) if (
-                    cfg.finetune.regime == "sequential" and task.index > 0) else None
-                load_tower(loaded.model, base, start)
+                load_tower(loaded.model, base, regime.start(task))
                 dataset = task_split(cfg.benchmark, task, "train", cfg.seed, cfg.paths.data, loaded.train_transform)
                 recipe = recipes[task.index]
                 stats = train_task(loaded.model, params, task_recipe(head_all, task.classes, restrict), dataset,
                                    recipe, derived_seed(cfg.seed, "shuffle", task.index), device,
                                    on_step=log.step_callback(
-                                       task.name, report.task_bar(progress, task.name, recipe, len(dataset))))
+                                       task.name, report.task_bar(progress, task.name, recipe, len(dataset))),
+                                   hooks=regime.hooks(task, dataset))
                 tau = task_vector(loaded.model, base)
                 check_finite(tau, f"the task vector of {task.name}")
-                store.save(name, tau, task=task.name, **asdict(stats))
+                for name, tensors in regime.finish(task, tau).items():
+                    store.save(name, tensors, task=task.name, **asdict(stats))
         store.manifest["status"] = "complete"
         store.write_manifest()
     return store.path

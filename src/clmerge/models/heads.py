@@ -23,6 +23,11 @@ def zero_shot_head(model: torch.nn.Module, tokenizer: Callable[..., torch.Tensor
     return model.logit_scale.exp().float() * torch.stack(rows)
 
 
+def embed(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """normalize(encode_image(images)) in fp32: the features every head scores."""
+    return F.normalize(model.encode_image(images).float(), dim=-1)
+
+
 def logits(model: torch.nn.Module, head: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """Class logits of `images` under a zero-shot head."""
-    return F.normalize(model.encode_image(images).float(), dim=-1) @ head.T
+    return embed(model, images) @ head.T

@@ -1,7 +1,7 @@
 """The one fine-tuning loop (SPEC.md section 3): visual tower trained against a frozen zero-shot head.
 
-Sequential regime: task t starts from theta_0 + tau_{t-1}, read back from the store, so a resumed run and
-an uninterrupted one compute exactly the same thing. Independent regime: every task starts from theta_0.
+Where each task starts and what a regime adds to the loop (extra loss terms, steps after each optimizer
+step) is decided by training/regimes.py.
 """
 
 from __future__ import annotations
@@ -15,13 +15,28 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from clmerge.config import FinetuneConfig
+from clmerge.config import REGIMES, FinetuneConfig
 from clmerge.errors import UserError
-from clmerge.models.heads import logits
+from clmerge.models.heads import embed
 from clmerge.training.precision import autocast
 from clmerge.training.schedule import lr_at, peak_lr, warmup_length
 
 StepCallback = Callable[[int, float, float], None]  # (step, loss, lr)
+ExtraLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (features, images, targets)
+AfterStep = Callable[[int, int, torch.optim.Optimizer], None]  # (step, total steps, optimizer)
+
+
+@dataclass(frozen=True)
+class TaskHooks:
+    """What a regime adds to the loop of one task (training/regimes.py).
+
+    extra_loss: a term added to the cross-entropy, from the normalized image features the training head
+    scores (fp32), the input images and the targets (rows of the training head); EWC and LwF.
+    after_step: called after every optimizer step (1-based step); PAM's periodic alignment.
+    """
+
+    extra_loss: Optional[ExtraLoss] = None
+    after_step: Optional[AfterStep] = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +87,8 @@ def effective_recipe(cfg: FinetuneConfig, task_epochs: Optional[int]) -> Finetun
 
 def check_recipe(cfg: FinetuneConfig) -> None:
     """Reject recipe values no run could use."""
+    if cfg.regime not in REGIMES:
+        raise UserError(f"unknown finetune.regime '{cfg.regime}'; valid: {', '.join(REGIMES)}")
     if cfg.log not in ("none", "csv"):
         raise UserError(f"finetune.log must be none or csv, got {cfg.log}")
     if cfg.batch_size < 1:
@@ -88,7 +105,7 @@ def check_recipe(cfg: FinetuneConfig) -> None:
 
 def train_task(model: torch.nn.Module, params: list[torch.nn.Parameter], recipe: TaskRecipe, dataset: Dataset,
                cfg: FinetuneConfig, seed: int, device: torch.device,
-               on_step: Optional[StepCallback] = None) -> TaskStats:
+               on_step: Optional[StepCallback] = None, hooks: TaskHooks = TaskHooks()) -> TaskStats:
     """Fine-tune `params` on `dataset` with a fresh AdamW and schedule; returns the task's statistics."""
     total = steps_per_task(cfg, len(dataset))
     warmup = warmup_length(total, cfg.warmup_steps, cfg.warmup_ratio)
@@ -109,8 +126,12 @@ def train_task(model: torch.nn.Module, params: list[torch.nn.Parameter], recipe:
                 group["lr"] = lr
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
+            targets = label_map[labels]
             with autocast(cfg.precision, device):
-                loss = F.cross_entropy(logits(model, head, images), label_map[labels])
+                features = embed(model, images)
+                loss = F.cross_entropy(features @ head.T, targets)
+                if hooks.extra_loss is not None:
+                    loss = loss + hooks.extra_loss(features, images, targets)
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -119,6 +140,8 @@ def train_task(model: torch.nn.Module, params: list[torch.nn.Parameter], recipe:
             if not math.isfinite(loss_value):
                 raise UserError(f"the loss became {loss_value} at step {step + 1}; lower finetune.lr and rerun")
             step, seen = step + 1, seen + len(labels)
+            if hooks.after_step is not None:
+                hooks.after_step(step, total, optimizer)
             if on_step is not None:
                 on_step(step, loss_value, lr)
     seconds = time.perf_counter() - start
