@@ -55,10 +55,34 @@ class BenchmarkConfig:
 
 
 @dataclass
+class PamConfig:
+    """PAM's training-time alignment (SPEC.md 1.2, arXiv 2506.03189); used by finetune.regime=pam."""
+
+    p: float = 0.5  # share of the global vector's entries (by magnitude) protected from sign conflicts
+    every: int = 100  # K: optimizer steps between alignments
+    align_at_end: bool = True  # also align after a task's last step
+    scope: str = "tensor"  # top-p mask per tensor | global (one threshold over the whole vector)
+    reset: str = "zero"  # conflicting entries reset to zero | global (the global vector's value)
+    reset_moments: bool = False  # also zero AdamW's moments at reset entries
+    merge: str = "pairwise_mean"  # global <- (global + task) / 2 | running_mean (uniform mean over tasks)
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters on the visual tower (finetune.adapter=lora): W = W_0 + (alpha / r) B A."""
+
+    r: int = 32
+    alpha: float = 32.0
+    targets: list[str] = field(default_factory=lambda: ["attn.in_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj"])
+    lr: float = 1e-4  # replaces finetune.lr for the adapters
+
+
+@dataclass
 class FinetuneConfig:
     """The per-task fine-tuning recipe (SPEC.md section 3)."""
 
-    regime: str = "sequential"  # sequential | independent
+    regime: str = "sequential"  # sequential | independent | pam
+    adapter: str = "full"  # full: the whole visual tower is trained | lora: low-rank adapters (finetune.lora)
     lr: float = 1e-5
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -73,6 +97,8 @@ class FinetuneConfig:
     num_workers: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log: str = "none"  # none | csv: every optimizer step to <run dir>/training_log.csv
+    pam: PamConfig = field(default_factory=PamConfig)  # used by regime=pam only
+    lora: LoraConfig = field(default_factory=LoraConfig)  # used by adapter=lora only
 
 
 @dataclass
@@ -101,6 +127,9 @@ class MergeConfig:
                                                              1.25, 1.5])  # lambdas tried by alpha=auto
     ties: TiesConfig = field(default_factory=TiesConfig)
     dare: DareConfig = field(default_factory=DareConfig)
+    # LoRA runs: merge the dense deltas (alpha/r) B A (product) or the factors A, B (factors); auto = factors
+    # for regime=pam (PAM averages factors while training), product otherwise
+    granularity: str = "auto"
     save_steps: bool = False  # `clmerge merge` also stores m_t of every step (eval folds them on the fly anyway)
     export: Optional[str] = None  # write the final merged model as a full open_clip checkpoint (.safetensors)
 
@@ -164,4 +193,5 @@ class PretrainConfig:
 
 
 SETTINGS = ("class_incremental", "domain_incremental", "multi_dataset")
-REGIMES = ("sequential", "independent")
+REGIMES = ("sequential", "independent", "pam")
+ADAPTERS = ("full", "lora")

@@ -269,6 +269,8 @@ def _preflight(command: str, cfg: AnyConfig) -> None:
     from clmerge.evaluation.control import controls
     from clmerge.merging.alpha import check_validation_split, parse_alpha
     from clmerge.merging.methods import get_method
+    from clmerge.models.loading import meta_model
+    from clmerge.models.lora import check_lora
     from clmerge.training.finetune import check_recipe
 
     build_benchmark(cfg.benchmark)
@@ -276,6 +278,8 @@ def _preflight(command: str, cfg: AnyConfig) -> None:
         controls(cfg.benchmark, None, cfg.seed)
     if command in ("finetune", "run"):
         check_recipe(cfg.finetune)
+        if cfg.finetune.adapter == "lora":
+            check_lora(cfg.finetune.lora, meta_model(cfg.model))
     methods = {"merge": [cfg.merge.method], "eval": cfg.eval.methods, "run": cfg.eval.methods}.get(command, [])
     for method in methods:
         get_method(method)

@@ -23,10 +23,10 @@ from clmerge.evaluation.evaluate import evaluate_all
 from clmerge.merging.engine import check_finite
 from clmerge.merging.job import Deployment, configured_alpha, export, merged_store, method_store, record_auto, resolve
 from clmerge.models.loading import LoadedModel, load_model
-from clmerge.models.tower import freeze_all_but_tower, load_tower, snapshot, task_vector
+from clmerge.models.tower import freeze_all_but_tower, snapshot
 from clmerge.store import BASE_FILE, finetune_dir, finished_finetune, task_file
 from clmerge.training.finetune import check_recipe, effective_recipe, task_recipe, train_task
-from clmerge.training.regimes import RegimeContext, make_regime
+from clmerge.training.regimes import RegimeContext, evaluated_methods, make_regime, make_tower
 from clmerge.training.precision import resolve_device
 
 
@@ -52,9 +52,10 @@ def finetune(cfg: Config, console: Console, output_dir: Optional[Path] = None) -
     device = _prepare(cfg)
     loaded, benchmark = _model_and_benchmark(cfg, device)
     store = finetune_dir(cfg)
+    params = freeze_all_but_tower(loaded.model)
+    base = snapshot(loaded.model)
+    tower = make_tower(cfg, loaded.model, params, base, derived_seed(cfg.seed, "lora_init"))
     with store.lock():
-        params = freeze_all_but_tower(loaded.model)
-        base = snapshot(loaded.model)
         if store.has(BASE_FILE):
             if any(not torch.equal(base[k], v) for k, v in store.load(BASE_FILE).items()):
                 raise UserError(f"the pretrained weights differ from {store.path / BASE_FILE}; "
@@ -65,24 +66,25 @@ def finetune(cfg: Config, console: Console, output_dir: Optional[Path] = None) -
         recipes = [effective_recipe(cfg.finetune, task.epochs) for task in benchmark.tasks]
         head_all = benchmark_head(loaded.model, loaded.tokenizer, benchmark, device)
         restrict = benchmark.setting != "domain_incremental"  # a task's own classes (SPEC.md 3.3)
-        regime = make_regime(RegimeContext(cfg, store, loaded.model, params, base, benchmark, head_all, device))
+        regime = make_regime(RegimeContext(cfg, store, tower, benchmark, head_all, device))
         with report.training_progress(console) as progress:
             for task in benchmark.tasks:
                 if store.has(task_file(task.index)):
                     console.print(f"[dim]{task.name}: already fine-tuned, skipped[/dim]")
                     continue
-                load_tower(loaded.model, base, regime.start(task))
+                tower.begin(regime.start(task))
                 dataset = task_split(cfg.benchmark, task, "train", cfg.seed, cfg.paths.data, loaded.train_transform)
-                recipe = recipes[task.index]
-                stats = train_task(loaded.model, params, task_recipe(head_all, task.classes, restrict), dataset,
+                recipe = tower.recipe(recipes[task.index])
+                stats = train_task(loaded.model, list(tower.params().values()),
+                                   task_recipe(head_all, task.classes, restrict), dataset,
                                    recipe, derived_seed(cfg.seed, "shuffle", task.index), device,
                                    on_step=log.step_callback(
                                        task.name, report.task_bar(progress, task.name, recipe, len(dataset))),
                                    hooks=regime.hooks(task, dataset))
-                tau = task_vector(loaded.model, base)
-                check_finite(tau, f"the task vector of {task.name}")
-                for name, tensors in regime.finish(task, tau).items():
-                    store.save(name, tensors, task=task.name, **asdict(stats))
+                vector = tower.end()
+                check_finite(vector, f"the task vector of {task.name}")
+                for name, tensors in regime.finish(task, vector).items():
+                    store.save(name, tensors, task=task.name, **asdict(stats), **regime.record(task))
         store.manifest["status"] = "complete"
         store.write_manifest()
     return store.path
@@ -124,7 +126,7 @@ def evaluate(cfg: Config, console: Console, output_dir: Path, timings: Optional[
     num_tasks = len(benchmark.tasks)
     source = finished_finetune(cfg, num_tasks)
     deployment = Deployment(cfg, loaded, benchmark, device)
-    merges = {name: (method_store(cfg, name), resolve(cfg, name, deployment)[0]) for name in cfg.eval.methods}
+    merges = {name: (method_store(cfg, name), resolve(cfg, name, deployment)[0]) for name in evaluated_methods(cfg)}
     start = time.perf_counter()
     evaluation = evaluate_all(cfg, benchmark, loaded, source, merges, device, console, output_dir)
     timings = {**(timings or {}), "eval": time.perf_counter() - start}

@@ -45,15 +45,27 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "x"
 
 
+def _unused_parts(cfg: Config) -> set[str]:
+    """Sub-configs of finetune that the run does not use (they must not change its key)."""
+    unused = set()
+    if cfg.finetune.regime != "pam":
+        unused.add("pam")
+    if cfg.finetune.adapter != "lora":
+        unused.add("lora")
+    return unused
+
+
 def finetune_subset(cfg: Config) -> dict[str, Any]:
     """The part of the config that decides the fine-tuned weights."""
-    finetune = {k: v for k, v in asdict(cfg.finetune).items() if k not in _FINETUNE_KEY_IGNORED}
+    ignored = _FINETUNE_KEY_IGNORED | _unused_parts(cfg)
+    finetune = {k: v for k, v in asdict(cfg.finetune).items() if k not in ignored}
     return {"benchmark": asdict(cfg.benchmark), "model": asdict(cfg.model), "finetune": finetune, "seed": cfg.seed}
 
 
 def finetune_key(cfg: Config) -> str:
     """Readable, unique directory name of a fine-tuning run."""
-    prefix = _slug(f"{cfg.benchmark.name}-{cfg.model.name}-{cfg.finetune.regime}-s{cfg.seed}")
+    adapter = "-lora" if cfg.finetune.adapter == "lora" else ""
+    prefix = _slug(f"{cfg.benchmark.name}-{cfg.model.name}-{cfg.finetune.regime}{adapter}-s{cfg.seed}")
     return f"{prefix}-{config_hash(finetune_subset(cfg))}"
 
 
@@ -197,6 +209,16 @@ class CheckpointDir:
 def task_file(index: int) -> str:
     """File name of task `index`'s (0-based) task vector."""
     return f"task_{index:03d}.safetensors"
+
+
+def lora_file(index: int) -> str:
+    """File name of task `index`'s LoRA factors (adapter=lora; the task file holds their dense delta)."""
+    return f"lora_{index:03d}.safetensors"
+
+
+def global_file(index: int) -> str:
+    """File name of PAM's global vector phi after task `index` (0-based), in the trained space."""
+    return f"global_{index:03d}.safetensors"
 
 
 def step_file(step: int) -> str:

@@ -22,6 +22,7 @@ from clmerge.models.loading import LoadedModel
 from clmerge.models.tower import load_tower
 from clmerge.merging.job import fold
 from clmerge.store import BASE_FILE, CheckpointDir, task_file
+from clmerge.training.regimes import FAMILY
 
 
 @contextmanager
@@ -112,8 +113,7 @@ def evaluate_all(cfg: Config, benchmark: Benchmark, loaded: LoadedModel, source:
             results["zero_shot"] = {"alpha": 0.0, "correct": row["correct"] * len(steps),
                                     "correct_task_aware": row["correct_task_aware"] * len(steps),
                                     "control_correct": {k: v * len(steps) for k, v in row["control_correct"].items()}}
-            name = "seq_ft" if cfg.finetune.regime == "sequential" else "ind_ft"
-            results[name] = {"alpha": 1.0, **_rows(model, main, probes, cfg, device, finetuned())}
+            results[FAMILY[cfg.finetune.regime]] = {"alpha": 1.0, **_rows(model, main, probes, cfg, device, finetuned())}
         for method, (_, alpha) in merges.items():
             console.print(f"evaluating {method} (lambda={alpha:g}) after each of {len(steps)} steps")
             results[method] = {"alpha": alpha, **_rows(model, main, probes, cfg, device, merged(method, alpha))}

@@ -10,7 +10,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Optional
 
-import open_clip
 import torch
 from rich.console import Console
 
@@ -22,20 +21,17 @@ from clmerge.merging.diagnostics import diagnostics
 from clmerge.merging.engine import merge_final, merge_steps
 from clmerge.merging.methods import MergeMethod, MergeParams, get_method, resolve_alpha
 from clmerge.merging.reader import TensorFile
-from clmerge.models.loading import LoadedModel, register_builtin_configs
-from clmerge.store import (BASE_FILE, FINAL_FILE, CheckpointDir, finished_finetune, merge_dir, step_file,
-                           task_file)
+from clmerge.models.loading import LoadedModel, meta_model
+from clmerge.models.lora import dense_delta
+from clmerge.store import (BASE_FILE, FINAL_FILE, CheckpointDir, finished_finetune, lora_file, merge_dir,
+                           step_file, task_file)
 
 Tensors = dict[str, torch.Tensor]
 
 
 def full_model_entries(model: ModelConfig) -> int:
     """Floating entries of the complete model state dict (TIES' N_ref), counted on the meta device."""
-    register_builtin_configs()
-    with torch.device("meta"):
-        built = open_clip.create_model(model.name, pretrained=None, device="meta",
-                                       force_quick_gelu=model.force_quick_gelu)
-    return sum(t.numel() for t in built.state_dict().values() if t.dtype.is_floating_point)
+    return sum(t.numel() for t in meta_model(model).state_dict().values() if t.dtype.is_floating_point)
 
 
 def merge_params(cfg: Config, method: MergeMethod) -> MergeParams:
@@ -52,24 +48,46 @@ def merge_params(cfg: Config, method: MergeMethod) -> MergeParams:
                        ties_denominator=full_model_entries(cfg.model) if uses_reference else None)
 
 
+def merges_factors(cfg: Config) -> bool:
+    """Whether merges combine LoRA factors (then deploy their product) rather than dense task vectors:
+    merge.granularity=factors, or auto on a PAM run (PAM averages factors while it trains)."""
+    granularity = cfg.merge.granularity
+    if granularity not in ("auto", "product", "factors"):
+        raise UserError(f"merge.granularity={granularity} is not valid; use auto, product or factors")
+    if cfg.finetune.adapter != "lora":
+        return False
+    return granularity == "factors" or (granularity == "auto" and cfg.finetune.regime == "pam")
+
+
 def method_store(cfg: Config, name: str) -> CheckpointDir:
     """The merge directory of method `name` (it may not exist yet)."""
     method = get_method(name)
-    return merge_dir(cfg, method.name, method.key_params(merge_params(cfg, method)))
+    extra = {"granularity": "factors"} if merges_factors(cfg) else {}
+    return merge_dir(cfg, method.name, {**method.key_params(merge_params(cfg, method)), **extra})
 
 
-def task_sources(source: CheckpointDir, num_tasks: int, stack: ExitStack) -> list[TensorFile]:
-    """The task vector files of a fine-tuning run, hash-checked, closed with `stack`."""
-    return [stack.enter_context(TensorFile(source.verified_path(task_file(i)))) for i in range(num_tasks)]
+def task_sources(cfg: Config, source: CheckpointDir, num_tasks: int, stack: ExitStack) -> list[TensorFile]:
+    """The vectors a merge folds (task vectors, or LoRA factors), hash-checked, closed with `stack`."""
+    name = lora_file if merges_factors(cfg) else task_file
+    return [stack.enter_context(TensorFile(source.verified_path(name(i)))) for i in range(num_tasks)]
+
+
+def as_task_vector(cfg: Config, source: CheckpointDir, merged: Tensors) -> Tensors:
+    """A merged vector as a dense tower delta: merged factors become (alpha / r) B A."""
+    if not merges_factors(cfg):
+        return merged
+    lora = cfg.finetune.lora
+    return dense_delta(merged, source.load(BASE_FILE), lora.alpha / lora.r)
 
 
 def fold(cfg: Config, name: str, num_tasks: int, every_step: bool = True):
-    """Yield (t, m_t) of method `name` over the fine-tuning run of cfg, folded on the fly."""
+    """Yield (t, m_t) of method `name` over the fine-tuning run of cfg, folded on the fly (dense)."""
     method = get_method(name)
     params = merge_params(cfg, method)
+    source = finished_finetune(cfg, num_tasks)
     with ExitStack() as stack:
-        yield from merge_steps(task_sources(finished_finetune(cfg, num_tasks), num_tasks, stack), method, params,
-                               every_step)
+        for t, merged in merge_steps(task_sources(cfg, source, num_tasks, stack), method, params, every_step):
+            yield t, as_task_vector(cfg, source, merged)
 
 
 def merged_store(cfg: Config, name: str, num_tasks: int, console: Console) -> CheckpointDir:
@@ -77,18 +95,18 @@ def merged_store(cfg: Config, name: str, num_tasks: int, console: Console) -> Ch
     method = get_method(name)
     params = merge_params(cfg, method)
     source = finished_finetune(cfg, num_tasks)
-    target = merge_dir(cfg, method.name, method.key_params(params))
+    target = method_store(cfg, name)
     steps = [step_file(t) for t in range(1, num_tasks + 1)] if cfg.merge.save_steps else []
     if target.has(FINAL_FILE) and all(target.has(step) for step in steps):
         return target
     with target.lock(), ExitStack() as stack:
-        sources = task_sources(source, num_tasks, stack)
+        sources = task_sources(cfg, source, num_tasks, stack)
         start = time.perf_counter()
         merged: Tensors = {}
         for t, merged in merge_steps(sources, method, params, every_step=bool(steps)):
             if steps:
-                target.save(step_file(t), merged, step=t)
-        target.save(FINAL_FILE, merged, step=num_tasks)
+                target.save(step_file(t), as_task_vector(cfg, source, merged), step=t)
+        target.save(FINAL_FILE, as_task_vector(cfg, source, merged), step=num_tasks)
         target.manifest["seconds"] = time.perf_counter() - start
         target.manifest["diagnostics"] = diagnostics(sources, merged, owners=method.name == "magmax")
         target.write_manifest()
@@ -136,9 +154,10 @@ def merge_final_of(cfg: Config, name: str, store: CheckpointDir, num_tasks: int)
     if store.has(FINAL_FILE):
         return store.load(FINAL_FILE)
     method = get_method(name)
+    source = finished_finetune(cfg, num_tasks)
     with ExitStack() as stack:
-        sources = task_sources(finished_finetune(cfg, num_tasks), num_tasks, stack)
-        return merge_final(sources, method, merge_params(cfg, method))
+        merged = merge_final(task_sources(cfg, source, num_tasks, stack), method, merge_params(cfg, method))
+    return as_task_vector(cfg, source, merged)
 
 
 def record_auto(store: CheckpointDir, curve: Optional[AlphaCurve]) -> dict[str, Any]:

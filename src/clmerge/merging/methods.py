@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from clmerge.errors import UserError
-from clmerge.merging.parts import (DISJOINT_MEAN, LAST, MAGMAX, MEAN, RANDOM_MIX, SUM, Combiner, Dare,
-                                   Sparsifier, TopK)
+from clmerge.merging.parts import (DISJOINT_MEAN, LAST, MAGMAX, MEAN, PAIRWISE_MEAN, RANDOM_MIX, SUM, Combiner,
+                                   Dare, Sparsifier, TopK)
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ _BASE = (
     MergeMethod("random_mix", RANDOM_MIX, None, 1.0, "random mixing baseline of MagMax, arXiv 2407.06322"),
     MergeMethod("ties", DISJOINT_MEAN, "topk", 0.55, "Yadav et al., TIES-Merging, NeurIPS 2023, arXiv 2306.01708"),
     MergeMethod("last", LAST, None, 1.0, "sequential fine-tuning: the last fine-tuned model itself"),
+    MergeMethod("pam", PAIRWISE_MEAN, None, 1.0, "Sokar et al., PAM, arXiv 2506.03189: global <- (global + task) / 2"),
 )
 _DARE = "Yu et al., DARE, ICML 2024, arXiv 2311.03099"
 METHODS: dict[str, MergeMethod] = {method.name: method for method in (

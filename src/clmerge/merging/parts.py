@@ -116,6 +116,11 @@ def random_mix_update(state: Optional[torch.Tensor], tau: torch.Tensor, step: St
     return torch.where(u < 1.0 / step.t, tau, state, out=state)
 
 
+def pairwise_mean_update(state: Optional[torch.Tensor], tau: torch.Tensor, step: Step) -> torch.Tensor:
+    """PAM's merge (Sokar et al., arXiv 2506.03189): m_1 = tau_1;  m_t = (m_{t-1} + tau_t) / 2."""
+    return tau.clone() if state is None else state.add_(tau).mul_(0.5)
+
+
 def last_update(state: Optional[torch.Tensor], tau: torch.Tensor, step: Step) -> torch.Tensor:
     """Sequential fine-tuning baseline: m_t = tau_t, i.e. deploy theta_t itself (lambda 1)."""
     return tau.clone() if state is None else state.copy_(tau)
@@ -187,5 +192,6 @@ SUM = Combiner("sum", sum_update, identity_finalize)
 MEAN = Combiner("mean", sum_update, mean_finalize, needs_out=True)
 RANDOM_MIX = Combiner("random_mix", random_mix_update, identity_finalize, elementwise=False)
 LAST = Combiner("last", last_update, identity_finalize)
+PAIRWISE_MEAN = Combiner("pairwise_mean", pairwise_mean_update, identity_finalize)
 DISJOINT_MEAN = Combiner("disjoint_mean", disjoint_update, disjoint_finalize, disjoint_majority, needs_out=True,
                          init=disjoint_init)

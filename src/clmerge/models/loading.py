@@ -124,3 +124,10 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", init_seed: 
         logging.disable(quiet)
     tokenizer = open_clip.get_tokenizer(name)
     return LoadedModel(model=model, tokenizer=tokenizer, train_transform=train_tf, eval_transform=eval_tf)
+
+
+def meta_model(cfg: ModelConfig) -> torch.nn.Module:
+    """The model's architecture on the meta device (no weights, no memory): for shape checks."""
+    register_builtin_configs()
+    with torch.device("meta"):
+        return open_clip.create_model(cfg.name, pretrained=None, device="meta", force_quick_gelu=cfg.force_quick_gelu)

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from clmerge.config import REGIMES, FinetuneConfig
+from clmerge.config import ADAPTERS, REGIMES, FinetuneConfig
 from clmerge.errors import UserError
 from clmerge.models.heads import embed
+from clmerge.training.pam import check_pam
 from clmerge.training.precision import autocast
 from clmerge.training.schedule import lr_at, peak_lr, warmup_length
 
@@ -89,6 +90,10 @@ def check_recipe(cfg: FinetuneConfig) -> None:
     """Reject recipe values no run could use."""
     if cfg.regime not in REGIMES:
         raise UserError(f"unknown finetune.regime '{cfg.regime}'; valid: {', '.join(REGIMES)}")
+    if cfg.adapter not in ADAPTERS:
+        raise UserError(f"unknown finetune.adapter '{cfg.adapter}'; valid: {', '.join(ADAPTERS)}")
+    if cfg.regime == "pam":
+        check_pam(cfg.pam)
     if cfg.log not in ("none", "csv"):
         raise UserError(f"finetune.log must be none or csv, got {cfg.log}")
     if cfg.batch_size < 1:
