@@ -68,3 +68,19 @@ def test_finetune_merge_eval_then_a_lambda_sweep(workdir: Path) -> None:
     assert len(records) == 2
     alphas = sorted(json.loads(r.read_text())["methods"]["magmax"]["alpha"] for r in records)
     assert alphas == [0.3, 0.5]
+
+
+def test_pam_run_with_lora_through_the_cli(tmp_path: Path) -> None:
+    result = clmerge("run", "finetune=pam", "finetune.adapter=lora", "finetune.lora.r=4", "finetune.pam.every=2",
+                     "benchmark.num_tasks=3", *TINY, tmp=tmp_path)
+    assert result.returncode == 0, result.stderr
+    [results_file] = (tmp_path / "out" / "run").glob("*/results.json")
+    results = json.loads(results_file.read_text())
+    assert sorted(results["methods"]) == ["average", "magmax", "pam", "pam_task", "zero_shot"]
+    assert results["config"]["finetune"]["regime"] == "pam"
+    training = results["training"]
+    assert "pam" not in training[0]  # nothing to align the first task with
+    assert training[2]["pam"]["alignments"] == 2  # steps 2 and 3 (the last) of 3
+    assert training[2]["pam"]["conflict_rate_protected"] == 0.0
+    [run_dir] = (tmp_path / "store" / "finetune").iterdir()
+    assert {p.name for p in run_dir.glob("lora_*")} == {f"lora_{i:03d}.safetensors" for i in range(3)}

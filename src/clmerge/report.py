@@ -19,7 +19,7 @@ from clmerge.benchmarks import Benchmark
 from clmerge.config import Config, FinetuneConfig
 from clmerge.evaluation.evaluate import Evaluation
 from clmerge.evaluation.metrics import accuracy_matrix, summary, zero_shot_retention
-from clmerge.store import CheckpointDir, atomic_write_bytes
+from clmerge.store import CheckpointDir, atomic_write_bytes, task_file
 from clmerge.training.finetune import steps_per_task
 
 RESULTS_SCHEMA_VERSION = 1
@@ -94,6 +94,13 @@ def method_entry(raw: dict[str, Any], zero_shot: dict[str, Any], sizes: list[int
     }
 
 
+def training_records(source: CheckpointDir, num_tasks: int) -> list[dict[str, Any]]:
+    """Each task's training record from the store's manifest (steps, peak lr, loss, speed, PAM's alignment
+    diagnostics), without the file bookkeeping."""
+    return [{k: v for k, v in source.info(task_file(i)).items() if k != "sha256"}
+            for i in range(num_tasks)]
+
+
 def results_document(cfg: Config, benchmark: Benchmark, source: CheckpointDir,
                      merges: dict[str, tuple[CheckpointDir, float]], evaluation: Evaluation,
                      timings: dict[str, float]) -> dict[str, Any]:
@@ -114,6 +121,7 @@ def results_document(cfg: Config, benchmark: Benchmark, source: CheckpointDir,
         "precision": cfg.finetune.precision,
         "seed": cfg.seed,
         "timings_s": timings,
+        "training": training_records(source, len(benchmark.tasks)),
         "methods": {name: method_entry(raw, evaluation.zero_shot, sizes, evaluation.control_sizes)
                     for name, raw in evaluation.methods.items()},
     }
