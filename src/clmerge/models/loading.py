@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import pickle
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import open_clip
 import torch
@@ -102,6 +103,18 @@ def _load_error(cfg: ModelConfig, err: Exception) -> UserError:
                      "check that the weights match model.name")
 
 
+@contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    """Silence open_clip's log while it builds a model: it warns about random init (we load weights after, or
+    want none) and logs a failed download before raising (we say that in one line)."""
+    quiet = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(quiet)
+
+
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", init_seed: int = 0) -> LoadedModel:
     """Build `cfg.name` with open_clip and load its pretrained weights.
 
@@ -109,10 +122,8 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", init_seed: 
     """
     register_builtin_configs()
     name, pretrained = _resolve(cfg)
-    quiet = logging.root.manager.disable
-    logging.disable(logging.ERROR)  # open_clip logs a failed download before raising; we say it in one line
     try:
-        with torch.random.fork_rng(devices=[]):
+        with _quiet_open_clip(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
             model, train_tf, eval_tf = open_clip.create_model_and_transforms(
                 name, pretrained=pretrained, device=device, force_quick_gelu=cfg.force_quick_gelu)
@@ -120,8 +131,6 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", init_seed: 
         if isinstance(err, RuntimeError) and not any(key in str(err) for key in _WEIGHT_ERRORS):
             raise  # not about the weights (e.g. out of memory)
         raise _load_error(cfg, err) from None
-    finally:
-        logging.disable(quiet)
     tokenizer = open_clip.get_tokenizer(name)
     return LoadedModel(model=model, tokenizer=tokenizer, train_transform=train_tf, eval_transform=eval_tf)
 
@@ -129,5 +138,5 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", init_seed: 
 def meta_model(cfg: ModelConfig) -> torch.nn.Module:
     """The model's architecture on the meta device (no weights, no memory): for shape checks."""
     register_builtin_configs()
-    with torch.device("meta"):
+    with _quiet_open_clip(), torch.device("meta"):
         return open_clip.create_model(cfg.name, pretrained=None, device="meta", force_quick_gelu=cfg.force_quick_gelu)
