@@ -26,6 +26,7 @@ import open_clip
 import torch
 from safetensors.torch import load_file, save_file
 
+from clmerge.merging import kernels
 from clmerge.merging.engine import merge_steps
 from clmerge.merging.methods import MergeParams, get_method
 from clmerge.merging.reader import TensorFile
@@ -152,6 +153,12 @@ def main() -> None:
         params = MergeParams(ties_denominator=full_model)
         print(f"ViT-B/16 visual tower: {len(shapes)} tensors, 1 task vector = {vector_mb:.1f} MB; "
               f"torch threads {torch.get_num_threads()}; memory target 3 V + 300 MB = {3 * vector_mb + 300:.0f} MB")
+        for method in args.methods.split(","):  # first calls compile the fused kernels (merging.kernels)
+            start = time.perf_counter()
+            engine(paths[:2], method, params, False)
+            engine(paths[:2], method, params, True)
+            print(f"first call of {method} (compiles its kernels, mode {kernels.mode()}): "
+                  f"{time.perf_counter() - start:.1f} s")
         header = f"{'T':>3} {'what':<22} {'final s':>8} {'x read':>7} {'steps s':>8} {'steps/final':>11} " \
                  f"{'peak MB':>8} {'x V':>5}"
         print(header)

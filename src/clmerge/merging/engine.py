@@ -1,29 +1,36 @@
 """The merge engine: one pass over the task vectors, tensor by tensor, yielding m_t after every step.
 
-Task-major fold: task t's tensors are read one at a time into a reused buffer and folded into the
-state, so memory is the state (1 vector; TIES 2.5) plus one tensor, whatever the number of tasks, and all
-T per-step merges cost one pass (O(T), not O(T^2)). Global TIES trimming first reads a small sample of
-each task vector to bracket its threshold and one more full pass to find it exactly (merging.select).
-Updates run in place on cache-sized chunks of each tensor; random draws stay per whole tensor.
-Integer and boolean tensors are never merged: they pass through from the first task untouched.
+Every step, per tensor, is one fused kernel (merging.kernels: TIES trim + the combiner's update in one pass
+over memory). Two loop orders give the same bits:
+
+- all steps (task-major): task t's tensors are read one at a time into a reused buffer and folded into
+  the state, so memory is the state (1 vector; TIES 2.5) plus one tensor, and all T per-step merges cost
+  one pass (O(T), not O(T^2));
+- final only (tensor-major): each tensor is read from the T files in turn and folded while its state is
+  still in the CPU cache; memory is the merged vector plus one tensor's state.
+
+Global TIES trimming first reads a small sample of each task vector to bracket its threshold and one more
+full pass to find it exactly (merging.select). Integer and boolean tensors are never merged: they pass
+through from the first task untouched.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterator, Optional, Sequence
 
 import torch
 
 from clmerge.errors import UserError
 from clmerge.merging.methods import MergeMethod, MergeParams
-from clmerge.merging.parts import Combiner, Dare, Sparsifier, Step, TopK
+from clmerge.merging.parts import Combiner, Sparsifier, State, Step, TopK, trim, undecided
 from clmerge.merging.reader import check_compatible, check_finite_tensor
 from clmerge.merging.select import DIRECT, Bracket, bracket
 from clmerge.merging.sources import Source
 
 Tensors = dict[str, torch.Tensor]
 SAMPLE_BLOCKS, BLOCK = 1024, 256  # global-threshold sample: about this many blocks of this many entries
-CHUNK = 1 << 16  # entries per update call: the update's temporaries stay in the L2 cache
+CHUNK = 1 << 16  # entries per eager call: the temporaries of unfused ops stay in the L2 cache
 
 
 def check_finite(vector: Tensors, where: str) -> None:
@@ -48,6 +55,12 @@ class _Reader:
         tensor = source.read_into(name, self._buffer(source.entries[name].dtype), start, count)
         return tensor if tensor.dtype == torch.float32 else tensor.float()
 
+    def checked(self, source: Source, name: str) -> torch.Tensor:
+        """The whole tensor, refused if it has non-finite entries."""
+        tau = self.read(source, name)
+        check_finite_tensor(tau, str(source.path), name)
+        return tau
+
 
 def _global_threshold(source: Source, names: list[str], topk: TopK, reader: _Reader) -> Optional[float]:
     """thr of one task vector over all its floating tensors (None: keep everything), exact."""
@@ -68,10 +81,9 @@ def _global_threshold(source: Source, names: list[str], topk: TopK, reader: _Rea
             samples.append(reader.read(source, name, start, length).abs())
     found = bracket(torch.cat(samples), rank, total)
     for name in names:
-        tau = reader.read(source, name)
-        check_finite_tensor(tau, str(source.path), name)
-        for (piece,) in _chunks(tau):
-            found.scan(piece.abs())
+        flat = reader.checked(source, name).reshape(-1)
+        for start in range(0, flat.numel(), CHUNK):
+            found.scan(flat[start:start + CHUNK].abs())
     picked = found.pick(rank)
     if picked is None:  # unlucky sample: exact fallback over the whole vector
         whole = Bracket(None, None)
@@ -79,6 +91,54 @@ def _global_threshold(source: Source, names: list[str], topk: TopK, reader: _Rea
             whole.scan(reader.read(source, name).abs())
         picked = whole.pick(rank)
     return picked
+
+
+class _Folder:
+    """Folds one tensor of one task into its state: sparsify, then the fused trim + update kernel."""
+
+    def __init__(self, combiner: Combiner, sparsifier: Optional[Sparsifier]):
+        self.combiner, self.sparsifier = combiner, sparsifier
+
+    def __call__(self, state: Optional[State], tau: torch.Tensor, step: Step) -> State:
+        threshold = step.threshold
+        if isinstance(self.sparsifier, TopK):
+            if self.sparsifier.scope == "tensor":
+                threshold = self.sparsifier.tensor_threshold(tau)
+        elif self.sparsifier is not None:
+            tau = self.sparsifier(tau, step)
+        if state is None:
+            if self.combiner.init is None:
+                return trim(tau, threshold).clone()
+            state = self.combiner.init(tau, step)
+        fold = self.combiner.fold
+        parts = [part.view(-1) for part in (state if isinstance(state, list) else [state])]
+        flat, size = tau.reshape(-1), tau.numel()
+        chunk = size if fold.compiles(size) else CHUNK
+        for start in range(0, size, chunk):
+            piece = [part[start:start + chunk] for part in parts]
+            fold(piece if isinstance(state, list) else piece[0], flat[start:start + chunk], threshold,
+                 *self.combiner.scalars(replace(step, start=start)))
+        return state
+
+
+def _finalize(combiner: Combiner, state: State, t: int, fill: float, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """m_t of one tensor: the state itself, or finalize(state) written into `out` (allocated if None)."""
+    if combiner.finish is None:
+        return state
+    shape = state[0].shape if isinstance(state, list) else state.shape
+    out = torch.empty(shape) if out is None else out
+    flats = [part.view(-1) for part in (state if isinstance(state, list) else [state])]
+    target, size = out.view(-1), out.numel()
+    chunk = size if combiner.finish.compiles(size) else CHUNK
+    for start in range(0, size, chunk):
+        piece = [part[start:start + chunk] for part in flats]
+        combiner.finish(piece if isinstance(state, list) else piece[0], t, fill, target[start:start + chunk])
+    return out
+
+
+def _fill(majority: int) -> float:
+    """The sign given to entries whose elected sign is 0: the global majority's, negative when it is 0."""
+    return 1.0 if majority > 0 else -1.0
 
 
 def merge_steps(sources: Sequence[Source], method: MergeMethod, params: MergeParams = MergeParams(),
@@ -96,65 +156,53 @@ def merge_steps(sources: Sequence[Source], method: MergeMethod, params: MergePar
                    if not entry.dtype.is_floating_point}
     reader = _Reader([first.entries[name].numel for name in names])
     sparsifier = method.sparsifier(params)
-    combiner, num_tasks = method.combiner, len(sources)
-    state: dict[str, object] = {}
+    global_trim = isinstance(sparsifier, TopK) and sparsifier.scope == "global"
+    fold = _Folder(method.combiner, sparsifier)
+    if every_step:
+        steps = _task_major(sources, names, fold, params.seed, reader, global_trim)
+    else:
+        steps = _tensor_major(sources, names, fold, params.seed, reader, global_trim)
+    for t, merged in steps:
+        yield t, {**merged, **passthrough}
+
+
+def _task_major(sources: Sequence[Source], names: list[str], fold: _Folder, seed: int, reader: _Reader,
+                global_trim: bool) -> Iterator[tuple[int, Tensors]]:
+    """m_1..m_T: each task vector folded into the whole state in turn."""
+    combiner, num_tasks = fold.combiner, len(sources)
+    state: dict[str, State] = {}
     out: Tensors = {}  # the merged vector of a step, reused by the next one
     for t, source in enumerate(sources, start=1):
-        threshold = (_global_threshold(source, names, sparsifier, reader)
-                     if isinstance(sparsifier, TopK) and sparsifier.scope == "global" else None)
+        threshold = _global_threshold(source, names, fold.sparsifier, reader) if global_trim else None
         for name in names:
-            tau = reader.read(source, name)
-            check_finite_tensor(tau, str(source.path), name)
-            if isinstance(sparsifier, TopK) and sparsifier.scope == "tensor":
-                threshold = sparsifier.tensor_threshold(tau)
-            step = Step(name, t, num_tasks, params.seed, threshold)
-            if name not in state and combiner.init is not None:
-                state[name] = combiner.init(tau, step)
-            if name in state and combiner.elementwise and not isinstance(sparsifier, Dare):
-                state[name] = _fold_chunks(state[name], tau, step, combiner, sparsifier)
-            else:
-                state[name] = combiner.update(state.get(name), tau if sparsifier is None else sparsifier(tau, step),
-                                              step)
-        if every_step or t == num_tasks:
-            if combiner.needs_out and not out:
-                out = {name: torch.empty(first.entries[name].shape) for name in names}
-            yield t, {**_finalize(state, t, combiner, out), **passthrough}
+            state[name] = fold(state.get(name), reader.checked(source, name), Step(name, t, num_tasks, seed,
+                                                                                    threshold))
+        majority = sum(int(combiner.majority(value)) for value in state.values()) if combiner.majority else 0
+        for name, value in state.items():  # the finalize buffers of a step are reused by the next one
+            out[name] = _finalize(combiner, value, t, _fill(majority), out.get(name))
+        yield t, dict(out)
 
 
-def _chunks(state: object, *others: torch.Tensor) -> Iterator[tuple[object, ...]]:
-    """Matching cache-sized slices of a state (tensor or list of tensors) and of other same-sized tensors."""
-    parts = state if isinstance(state, list) else [state]
-    views = [part.view(-1) for part in parts]
-    flats = [other.reshape(-1) for other in others]
-    for start in range(0, views[0].numel(), CHUNK):
-        chunk = [view[start:start + CHUNK] for view in views]
-        yield (chunk if isinstance(state, list) else chunk[0], *(flat[start:start + CHUNK] for flat in flats))
-
-
-def _finalize(state: dict[str, object], t: int, combiner: Combiner, out: Tensors) -> Tensors:
-    """m_t of every tensor (into `out` where the combiner needs it), chunk by chunk where it can."""
-    if not combiner.elementwise:
-        return {name: combiner.finalize(value, t, 0.0, out.get(name)) for name, value in state.items()}
-    majority = 0.0
-    if combiner.majority is not None:
-        majority = sum(combiner.majority(chunk) for value in state.values() for (chunk,) in _chunks(value))
-    merged = {}
-    for name, value in state.items():
-        if name not in out:
-            merged[name] = combiner.finalize(value, t, majority, None)
-            continue
-        for chunk, target in _chunks(value, out[name]):
-            combiner.finalize(chunk, t, majority, target)
-        merged[name] = out[name]
-    return merged
-
-
-def _fold_chunks(state: object, tau: torch.Tensor, step: Step, combiner: Combiner,
-                 sparsifier: Optional[Sparsifier]) -> object:
-    """Update `state` in place chunk by chunk, so that the temporaries of the update stay in cache."""
-    for chunk, piece in _chunks(state, tau):
-        combiner.update(chunk, piece if sparsifier is None else sparsifier(piece, step), step)
-    return state
+def _tensor_major(sources: Sequence[Source], names: list[str], fold: _Folder, seed: int, reader: _Reader,
+                  global_trim: bool) -> Iterator[tuple[int, Tensors]]:
+    """m_T alone: each tensor folded over the T tasks while its state is in cache."""
+    combiner, num_tasks = fold.combiner, len(sources)
+    thresholds = [_global_threshold(source, names, fold.sparsifier, reader) if global_trim else None
+                  for source in sources]
+    merged: Tensors = {}
+    majority, pending = 0, {}
+    for name in names:
+        state: Optional[State] = None
+        for t, (source, threshold) in enumerate(zip(sources, thresholds), start=1):
+            state = fold(state, reader.checked(source, name), Step(name, t, num_tasks, seed, threshold))
+        merged[name] = _finalize(combiner, state, num_tasks, 1.0, None)
+        if combiner.majority is not None:
+            majority += int(combiner.majority(state))
+            pending[name] = undecided(state)
+    if _fill(majority) < 0:
+        for name, (index, values) in pending.items():
+            merged[name].view(-1)[index] = values
+    yield num_tasks, merged
 
 
 def merge_final(sources: Sequence[Source], method: MergeMethod, params: MergeParams = MergeParams()) -> Tensors:
