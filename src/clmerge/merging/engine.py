@@ -25,8 +25,10 @@ from clmerge.errors import UserError
 from clmerge.merging.methods import MergeMethod, MergeParams
 from clmerge.merging.parts import Combiner, Sparsifier, State, Step, TopK, trim, undecided
 from clmerge.merging.reader import check_compatible, check_finite_tensor
+from clmerge.merging.memory import carve
 from clmerge.merging.select import DIRECT, Bracket, bracket
 from clmerge.merging.sources import Source
+from clmerge.merging.stream import Reader
 
 Tensors = dict[str, torch.Tensor]
 SAMPLE_BLOCKS, BLOCK = 1024, 256  # global-threshold sample: about this many blocks of this many entries
@@ -39,30 +41,7 @@ def check_finite(vector: Tensors, where: str) -> None:
         check_finite_tensor(tensor, where, name)
 
 
-class _Reader:
-    """Reads one source's floating tensors as fp32 into one reused buffer (valid until the next read)."""
-
-    def __init__(self, sizes: Sequence[int]):
-        self.buffers: dict[torch.dtype, torch.Tensor] = {}
-        self.largest = max(sizes, default=0)
-
-    def _buffer(self, dtype: torch.dtype) -> torch.Tensor:
-        if dtype not in self.buffers:
-            self.buffers[dtype] = torch.empty(self.largest, dtype=dtype)
-        return self.buffers[dtype]
-
-    def read(self, source: Source, name: str, start: int = 0, count: int = -1) -> torch.Tensor:
-        tensor = source.read_into(name, self._buffer(source.entries[name].dtype), start, count)
-        return tensor if tensor.dtype == torch.float32 else tensor.float()
-
-    def checked(self, source: Source, name: str) -> torch.Tensor:
-        """The whole tensor, refused if it has non-finite entries."""
-        tau = self.read(source, name)
-        check_finite_tensor(tau, str(source.path), name)
-        return tau
-
-
-def _global_threshold(source: Source, names: list[str], topk: TopK, reader: _Reader) -> Optional[float]:
+def _global_threshold(source: Source, names: list[str], topk: TopK, reader: Reader) -> Optional[float]:
     """thr of one task vector over all its floating tensors (None: keep everything), exact."""
     sizes = {name: source.entries[name].numel for name in names}
     total = sum(sizes.values())
@@ -80,8 +59,8 @@ def _global_threshold(source: Source, names: list[str], topk: TopK, reader: _Rea
             start = (size - length) * i // max(blocks - 1, 1)
             samples.append(reader.read(source, name, start, length).abs())
     found = bracket(torch.cat(samples), rank, total)
-    for name in names:
-        flat = reader.checked(source, name).reshape(-1)
+    for tau in reader.stream((source, name) for name in names):
+        flat = tau.reshape(-1)
         for start in range(0, flat.numel(), CHUNK):
             found.scan(flat[start:start + CHUNK].abs())
     picked = found.pick(rank)
@@ -93,42 +72,51 @@ def _global_threshold(source: Source, names: list[str], topk: TopK, reader: _Rea
     return picked
 
 
+def _parts(state: State) -> list[torch.Tensor]:
+    return state if isinstance(state, list) else [state]
+
+
 class _Folder:
-    """Folds one tensor of one task into its state: sparsify, then the fused trim + update kernel."""
+    """Folds one tensor of one task into its (preallocated) state: sparsify, then the fused trim + update
+    kernel; at t = 1 a list state is zeroed first, a tensor state becomes a copy of tau-hat_1."""
 
     def __init__(self, combiner: Combiner, sparsifier: Optional[Sparsifier]):
         self.combiner, self.sparsifier = combiner, sparsifier
 
-    def __call__(self, state: Optional[State], tau: torch.Tensor, step: Step) -> State:
+    def __call__(self, state: State, tau: torch.Tensor, step: Step) -> None:
         threshold = step.threshold
         if isinstance(self.sparsifier, TopK):
             if self.sparsifier.scope == "tensor":
                 threshold = self.sparsifier.tensor_threshold(tau)
         elif self.sparsifier is not None:
             tau = self.sparsifier(tau, step)
-        if state is None:
-            if self.combiner.init is None:
-                return trim(tau, threshold).clone()
-            state = self.combiner.init(tau, step)
-        fold = self.combiner.fold
-        parts = [part.view(-1) for part in (state if isinstance(state, list) else [state])]
-        flat, size = tau.reshape(-1), tau.numel()
+        if step.t == 1 and not isinstance(state, list):
+            state.view(-1).copy_(trim(tau, threshold).reshape(-1))
+            return
+        if step.t == 1:
+            for part in state:
+                part.zero_()
+        fold, size = self.combiner.fold, tau.numel()
+        parts, flat = [part.view(-1) for part in _parts(state)], tau.reshape(-1)
         chunk = size if fold.compiles(size) else CHUNK
         for start in range(0, size, chunk):
             piece = [part[start:start + chunk] for part in parts]
             fold(piece if isinstance(state, list) else piece[0], flat[start:start + chunk], threshold,
                  *self.combiner.scalars(replace(step, start=start)))
-        return state
+
+    def allocate(self, shapes: dict[str, tuple[int, ...]], num_tasks: int) -> dict[str, State]:
+        """Uninitialised states for tensors of these shapes, each part one block."""
+        if self.combiner.layout is None:
+            return carve(shapes)
+        blocks = [carve(shapes, dtype) for dtype in self.combiner.layout(num_tasks)]
+        return {name: [views[name] for views in blocks] for name in shapes}
 
 
-def _finalize(combiner: Combiner, state: State, t: int, fill: float, out: Optional[torch.Tensor]) -> torch.Tensor:
-    """m_t of one tensor: the state itself, or finalize(state) written into `out` (allocated if None)."""
+def _finalize(combiner: Combiner, state: State, t: int, fill: float, out: torch.Tensor) -> torch.Tensor:
+    """m_t of one tensor: the state itself, or finalize(state) written into `out`."""
     if combiner.finish is None:
         return state
-    shape = state[0].shape if isinstance(state, list) else state.shape
-    out = torch.empty(shape) if out is None else out
-    flats = [part.view(-1) for part in (state if isinstance(state, list) else [state])]
-    target, size = out.view(-1), out.numel()
+    flats, target, size = [part.view(-1) for part in _parts(state)], out.view(-1), out.numel()
     chunk = size if combiner.finish.compiles(size) else CHUNK
     for start in range(0, size, chunk):
         piece = [part[start:start + chunk] for part in flats]
@@ -151,51 +139,54 @@ def merge_steps(sources: Sequence[Source], method: MergeMethod, params: MergePar
         raise UserError("there are no task vectors to merge; run `clmerge finetune` first")
     check_compatible(list(sources))
     first = sources[0]
-    names = [name for name, entry in first.entries.items() if entry.dtype.is_floating_point]
+    shapes = {name: entry.shape for name, entry in first.entries.items() if entry.dtype.is_floating_point}
     passthrough = {name: first.read(name) for name, entry in first.entries.items()
                    if not entry.dtype.is_floating_point}
-    reader = _Reader([first.entries[name].numel for name in names])
+    reader = Reader([first.entries[name].numel for name in shapes])
     sparsifier = method.sparsifier(params)
     global_trim = isinstance(sparsifier, TopK) and sparsifier.scope == "global"
     fold = _Folder(method.combiner, sparsifier)
-    if every_step:
-        steps = _task_major(sources, names, fold, params.seed, reader, global_trim)
-    else:
-        steps = _tensor_major(sources, names, fold, params.seed, reader, global_trim)
-    for t, merged in steps:
+    run = _task_major if every_step else _tensor_major
+    for t, merged in run(sources, shapes, fold, params.seed, reader, global_trim):
         yield t, {**merged, **passthrough}
 
 
-def _task_major(sources: Sequence[Source], names: list[str], fold: _Folder, seed: int, reader: _Reader,
-                global_trim: bool) -> Iterator[tuple[int, Tensors]]:
+def _task_major(sources: Sequence[Source], shapes: dict[str, tuple[int, ...]], fold: _Folder, seed: int,
+                reader: Reader, global_trim: bool) -> Iterator[tuple[int, Tensors]]:
     """m_1..m_T: each task vector folded into the whole state in turn."""
-    combiner, num_tasks = fold.combiner, len(sources)
-    state: dict[str, State] = {}
-    out: Tensors = {}  # the merged vector of a step, reused by the next one
+    combiner, num_tasks, names = fold.combiner, len(sources), list(shapes)
+    state = fold.allocate(shapes, num_tasks)
+    out = carve(shapes) if combiner.finish is not None else {}  # reused by every step
     for t, source in enumerate(sources, start=1):
         threshold = _global_threshold(source, names, fold.sparsifier, reader) if global_trim else None
-        for name in names:
-            state[name] = fold(state.get(name), reader.checked(source, name), Step(name, t, num_tasks, seed,
-                                                                                    threshold))
+        for name, tau in zip(names, reader.stream((source, name) for name in names)):
+            fold(state[name], tau, Step(name, t, num_tasks, seed, threshold))
         majority = sum(int(combiner.majority(value)) for value in state.values()) if combiner.majority else 0
-        for name, value in state.items():  # the finalize buffers of a step are reused by the next one
-            out[name] = _finalize(combiner, value, t, _fill(majority), out.get(name))
-        yield t, dict(out)
+        yield t, {name: _finalize(combiner, value, t, _fill(majority), out.get(name)) for name, value in state.items()}
 
 
-def _tensor_major(sources: Sequence[Source], names: list[str], fold: _Folder, seed: int, reader: _Reader,
-                  global_trim: bool) -> Iterator[tuple[int, Tensors]]:
-    """m_T alone: each tensor folded over the T tasks while its state is in cache."""
-    combiner, num_tasks = fold.combiner, len(sources)
+def _tensor_major(sources: Sequence[Source], shapes: dict[str, tuple[int, ...]], fold: _Folder, seed: int,
+                  reader: Reader, global_trim: bool) -> Iterator[tuple[int, Tensors]]:
+    """m_T alone: each tensor folded over the T tasks while its state is in cache (a state of the largest
+    tensor's size, reused, when the merged vector is not the state itself)."""
+    combiner, num_tasks, names = fold.combiner, len(sources), list(shapes)
     thresholds = [_global_threshold(source, names, fold.sparsifier, reader) if global_trim else None
                   for source in sources]
-    merged: Tensors = {}
+    merged = carve(shapes)
+    scratch = None
+    if combiner.finish is not None:
+        scratch = fold.allocate({"": (max(_numel(shape) for shape in shapes.values()),)}, num_tasks)[""]
     majority, pending = 0, {}
+    taus = reader.stream((source, name) for name in names for source in sources)
     for name in names:
-        state: Optional[State] = None
-        for t, (source, threshold) in enumerate(zip(sources, thresholds), start=1):
-            state = fold(state, reader.checked(source, name), Step(name, t, num_tasks, seed, threshold))
-        merged[name] = _finalize(combiner, state, num_tasks, 1.0, None)
+        size = merged[name].numel()
+        if scratch is None:
+            state = merged[name]
+        else:
+            state = [part[:size] for part in scratch] if isinstance(scratch, list) else scratch[:size]
+        for t, threshold in enumerate(thresholds, start=1):
+            fold(state, next(taus), Step(name, t, num_tasks, seed, threshold))
+        _finalize(combiner, state, num_tasks, 1.0, merged[name])
         if combiner.majority is not None:
             majority += int(combiner.majority(state))
             pending[name] = undecided(state)
@@ -203,6 +194,10 @@ def _tensor_major(sources: Sequence[Source], names: list[str], fold: _Folder, se
         for name, (index, values) in pending.items():
             merged[name].view(-1)[index] = values
     yield num_tasks, merged
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return torch.Size(shape).numel()
 
 
 def merge_final(sources: Sequence[Source], method: MergeMethod, params: MergeParams = MergeParams()) -> Tensors:

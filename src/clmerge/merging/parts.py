@@ -21,7 +21,7 @@ from clmerge.merging.kernels import Kernel
 from clmerge.merging.select import kth_smallest
 
 State = Any  # a tensor, or a list of tensors (TIES)
-MASK32 = 0xFFFFFFFF
+HALF = 0x7FFFFFFF  # random mix keys are fed to int32 arithmetic 31 bits at a time
 
 
 @dataclass(frozen=True)
@@ -117,24 +117,26 @@ def sum_update(state: torch.Tensor, tau: torch.Tensor) -> None:
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
-    """A bijective 32-bit integer hash (two rounds of xor-shift-multiply, constant 0x45d9f3b), in int64."""
-    x = ((x >> 16) ^ x) * 0x45D9F3B & MASK32
-    x = ((x >> 16) ^ x) * 0x45D9F3B & MASK32
-    return (x >> 16) ^ x
+    """A bijective hash of 32-bit integers (int32 tensors, multiplication wrapping mod 2**32, `>>` logical):
+    two rounds of x = ((x >> 16) ^ x) * 0x45d9f3b, then (x >> 16) ^ x. int32 so that it vectorises."""
+    x = (((x >> 16) & 0xFFFF) ^ x) * 0x45D9F3B
+    x = (((x >> 16) & 0xFFFF) ^ x) * 0x45D9F3B
+    return ((x >> 16) & 0xFFFF) ^ x
 
 
 def uniform24(low: int, high: int, start: int, count: int) -> torch.Tensor:
-    """Integers in [0, 2**24) for entries start..start+count-1 of a tensor (int64): the top 24 bits of
-    mix32(mix32(e xor low) xor high), e the flat entry index, (low, high) the two 32-bit halves of a key;
+    """Integers in [0, 2**24) for entries start..start+count-1 of a tensor: the top 24 bits of
+    mix32(mix32(e ^ low) ^ high), e the flat entry index, (low, high) two 31-bit halves of a key;
     u = uniform24 / 2**24 is U[0, 1) at fp32's resolution."""
-    return mix32(mix32(torch.arange(start, start + count) ^ low) ^ high) >> 8
+    index = torch.arange(start, start + count, dtype=torch.int32)
+    return (mix32(mix32(index ^ low) ^ high) >> 8) & 0xFFFFFF
 
 
 def random_mix_scalars(step: Step) -> tuple[int, int, int, int]:
-    """(low, high, start, limit): the halves of key = derived_seed(seed, "random_mix", tensor name, t); take
-    tau_t where u < 1/t, i.e. where uniform24 < limit = ceil(2**24 / t)."""
+    """(low, high, start, limit): bits 0-30 and 31-61 of key = derived_seed(seed, "random_mix", tensor
+    name, t); take tau_t where u < 1/t, i.e. where uniform24 < limit = ceil(2**24 / t)."""
     key = derived_seed(step.seed, "random_mix", step.name, step.t)
-    return key & MASK32, key >> 32, step.start, -(-(1 << 24) // step.t)
+    return key & HALF, key >> 31 & HALF, step.start, -(-(1 << 24) // step.t)
 
 
 def random_mix_update(state: torch.Tensor, tau: torch.Tensor, low: int, high: int, start: int,
@@ -153,11 +155,10 @@ def last_update(state: torch.Tensor, tau: torch.Tensor) -> None:
     state.copy_(tau)
 
 
-def disjoint_init(tau: torch.Tensor, step: Step) -> list[torch.Tensor]:
-    """TIES state before the first task: S+ = S- = 0 (fp32), C+ = C- = 0 (uint8 while T <= 255)."""
-    count = torch.uint8 if step.num_tasks <= 255 else torch.int32
-    return [torch.zeros(tau.shape), torch.zeros(tau.shape), torch.zeros(tau.shape, dtype=count),
-            torch.zeros(tau.shape, dtype=count)]
+def disjoint_layout(num_tasks: int) -> list[torch.dtype]:
+    """TIES state, all zeros before the first task: S+, S- (fp32), C+, C- (uint8 while T <= 255)."""
+    count = torch.uint8 if num_tasks <= 255 else torch.int32
+    return [torch.float32, torch.float32, count, count]
 
 
 def disjoint_update(state: list[torch.Tensor], tau: torch.Tensor) -> None:
@@ -206,14 +207,15 @@ def _fold(update: Callable[..., None], state: State, tau: torch.Tensor, threshol
 class Combiner:
     """A fold: `update(state, tau-hat, *scalars(step))` per task, elementwise and in place (so it runs on
     any slice); `finalize(state, t, fill, out)` per step into `out` (None: the state is the merged vector).
-    `init` makes the state before the first task (None: the state starts as a copy of tau-hat_1).
+    `layout(T)`: the dtypes of a list state that starts at zero (None: one fp32 tensor that starts as a copy
+    of tau-hat_1).
     `majority` (TIES) is summed over every tensor; where the elected sign is 0 it picks the fill."""
 
     name: str
     update: Callable[..., None]
     finalize: Optional[Callable[[State, int, float, torch.Tensor], None]] = None
     majority: Optional[Callable[[State], torch.Tensor]] = None
-    init: Optional[Callable[[torch.Tensor, Step], State]] = None
+    layout: Optional[Callable[[int], list[torch.dtype]]] = None
     scalars: Callable[[Step], tuple] = no_scalars
     fold: Kernel = field(init=False, repr=False, compare=False)
     finish: Optional[Kernel] = field(init=False, repr=False, compare=False)
@@ -228,4 +230,5 @@ SUM = Combiner("sum", sum_update)
 MEAN = Combiner("mean", sum_update, mean_finalize)
 RANDOM_MIX = Combiner("random_mix", random_mix_update, scalars=random_mix_scalars)
 LAST = Combiner("last", last_update)
-DISJOINT_MEAN = Combiner("disjoint_mean", disjoint_update, disjoint_finalize, disjoint_majority, init=disjoint_init)
+DISJOINT_MEAN = Combiner("disjoint_mean", disjoint_update, disjoint_finalize, disjoint_majority,
+                         layout=disjoint_layout)
