@@ -2,7 +2,7 @@
 
 Eager torch runs each elementwise op as its own pass (MagMax's update is four), so the engine wraps each
 step function in a `Kernel`: for tensors of at least `MIN_ENTRIES` entries the same Python function is
-compiled once (`dynamic=True`: one compile for every shape) and runs as one fused loop; smaller tensors
+compiled once (`dynamic=True`: one compile for every size) and runs as one fused loop; smaller tensors
 run eagerly (a compiled call costs tens of microseconds). The compiled and eager paths run the same ops
 and give the same bits (tests/test_merge_kernels.py). `CLMERGE_COMPILE` chooses: `auto` (default),
 `always` (any size; for tests) or `never`. If compiling fails (no C++ compiler, no inductor), one warning
@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 import torch
 
 log = logging.getLogger(__name__)
-MIN_ENTRIES = 1 << 16
+MIN_ENTRIES = 1 << 17  # ViT-B/16: every weight matrix; not the small tensors of the tests
 MODES = ("auto", "always", "never")
 _broken: Optional[str] = None  # why compiling failed, once it has
 
