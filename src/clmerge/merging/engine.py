@@ -60,9 +60,7 @@ def _global_threshold(source: Source, names: list[str], topk: TopK, reader: Read
             samples.append(reader.read(source, name, start, length).abs())
     found = bracket(torch.cat(samples), rank, total)
     for tau in reader.stream((source, name) for name in names):
-        flat = tau.reshape(-1)
-        for start in range(0, flat.numel(), CHUNK):
-            found.scan(flat[start:start + CHUNK].abs())
+        found.scan(tau.abs())
     picked = found.pick(rank)
     if picked is None:  # unlucky sample: exact fallback over the whole vector
         whole = Bracket(None, None)
@@ -104,11 +102,11 @@ class _Folder:
             fold(piece if isinstance(state, list) else piece[0], flat[start:start + chunk], threshold,
                  *self.combiner.scalars(replace(step, start=start)))
 
-    def allocate(self, shapes: dict[str, tuple[int, ...]], num_tasks: int) -> dict[str, State]:
+    def allocate(self, shapes: dict[str, tuple[int, ...]], num_tasks: int, compact: bool) -> dict[str, State]:
         """Uninitialised states for tensors of these shapes, each part one block."""
         if self.combiner.layout is None:
             return carve(shapes)
-        blocks = [carve(shapes, dtype) for dtype in self.combiner.layout(num_tasks)]
+        blocks = [carve(shapes, dtype) for dtype in self.combiner.layout(num_tasks, compact)]
         return {name: [views[name] for views in blocks] for name in shapes}
 
 
@@ -155,7 +153,7 @@ def _task_major(sources: Sequence[Source], shapes: dict[str, tuple[int, ...]], f
                 reader: Reader, global_trim: bool) -> Iterator[tuple[int, Tensors]]:
     """m_1..m_T: each task vector folded into the whole state in turn."""
     combiner, num_tasks, names = fold.combiner, len(sources), list(shapes)
-    state = fold.allocate(shapes, num_tasks)
+    state = fold.allocate(shapes, num_tasks, compact=True)
     out = carve(shapes) if combiner.finish is not None else {}  # reused by every step
     for t, source in enumerate(sources, start=1):
         threshold = _global_threshold(source, names, fold.sparsifier, reader) if global_trim else None
@@ -175,7 +173,8 @@ def _tensor_major(sources: Sequence[Source], shapes: dict[str, tuple[int, ...]],
     merged = carve(shapes)
     scratch = None
     if combiner.finish is not None:
-        scratch = fold.allocate({"": (max(_numel(shape) for shape in shapes.values()),)}, num_tasks)[""]
+        largest = max(_numel(shape) for shape in shapes.values())
+        scratch = fold.allocate({"": (largest,)}, num_tasks, compact=False)[""]
     majority, pending = 0, {}
     taus = reader.stream((source, name) for name in names for source in sources)
     for name in names:

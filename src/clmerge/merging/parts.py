@@ -155,9 +155,10 @@ def last_update(state: torch.Tensor, tau: torch.Tensor) -> None:
     state.copy_(tau)
 
 
-def disjoint_layout(num_tasks: int) -> list[torch.dtype]:
-    """TIES state, all zeros before the first task: S+, S- (fp32), C+, C- (uint8 while T <= 255)."""
-    count = torch.uint8 if num_tasks <= 255 else torch.int32
+def disjoint_layout(num_tasks: int, compact: bool) -> list[torch.dtype]:
+    """TIES state, all zeros before the first task: S+, S- (fp32), C+, C- (counts: uint8 while T <= 255 when
+    `compact`, else fp32, exact up to 2**24 and several times faster to update)."""
+    count = torch.float32 if not compact else torch.uint8 if num_tasks <= 255 else torch.int32
     return [torch.float32, torch.float32, count, count]
 
 
@@ -166,8 +167,8 @@ def disjoint_update(state: list[torch.Tensor], tau: torch.Tensor) -> None:
     positive, negative, n_positive, n_negative = state
     positive.add_(tau.clamp_min(0.0))
     negative.add_(tau.clamp_max(0.0))
-    n_positive.add_(tau > 0)
-    n_negative.add_(tau < 0)
+    n_positive.copy_(n_positive.float() + (tau > 0).float())  # via fp32: vectorises, unlike uint8 adds
+    n_negative.copy_(n_negative.float() + (tau < 0).float())
 
 
 def disjoint_majority(state: list[torch.Tensor]) -> torch.Tensor:
@@ -207,15 +208,15 @@ def _fold(update: Callable[..., None], state: State, tau: torch.Tensor, threshol
 class Combiner:
     """A fold: `update(state, tau-hat, *scalars(step))` per task, elementwise and in place (so it runs on
     any slice); `finalize(state, t, fill, out)` per step into `out` (None: the state is the merged vector).
-    `layout(T)`: the dtypes of a list state that starts at zero (None: one fp32 tensor that starts as a copy
-    of tau-hat_1).
+    `layout(T, compact)`: the dtypes of a list state that starts at zero (None: one fp32 tensor that starts
+    as a copy of tau-hat_1); compact: smallest memory, for whole-vector states.
     `majority` (TIES) is summed over every tensor; where the elected sign is 0 it picks the fill."""
 
     name: str
     update: Callable[..., None]
     finalize: Optional[Callable[[State, int, float, torch.Tensor], None]] = None
     majority: Optional[Callable[[State], torch.Tensor]] = None
-    layout: Optional[Callable[[int], list[torch.dtype]]] = None
+    layout: Optional[Callable[[int, bool], list[torch.dtype]]] = None
     scalars: Callable[[Step], tuple] = no_scalars
     fold: Kernel = field(init=False, repr=False, compare=False)
     finish: Optional[Kernel] = field(init=False, repr=False, compare=False)
