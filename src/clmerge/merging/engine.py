@@ -17,7 +17,7 @@ through from the first task untouched.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -33,6 +33,7 @@ from clmerge.merging.stream import Reader
 Tensors = dict[str, torch.Tensor]
 SAMPLE_BLOCKS, BLOCK = 1024, 256  # global-threshold sample: about this many blocks of this many entries
 CHUNK = 1 << 16  # entries per eager call: the temporaries of unfused ops stay in the L2 cache
+FUSED_CHUNK = 1 << 18  # entries per fused call: bounds what a compiled kernel allocates, at ~330 calls per 86 M
 
 
 def check_finite(vector: Tensors, where: str) -> None:
@@ -60,7 +61,9 @@ def _global_threshold(source: Source, names: list[str], topk: TopK, reader: Read
             samples.append(reader.read(source, name, start, length).abs())
     found = bracket(torch.cat(samples), rank, total)
     for tau in reader.stream((source, name) for name in names):
-        found.scan(tau.abs())
+        flat = tau.reshape(-1)
+        for start in range(0, flat.numel(), CHUNK):
+            found.scan(flat[start:start + CHUNK].abs())
     picked = found.pick(rank)
     if picked is None:  # unlucky sample: exact fallback over the whole vector
         whole = Bracket(None, None)
@@ -96,7 +99,7 @@ class _Folder:
                 part.zero_()
         fold, size = self.combiner.fold, tau.numel()
         parts, flat = [part.view(-1) for part in _parts(state)], tau.reshape(-1)
-        chunk = size if fold.compiles(size) else CHUNK
+        chunk = FUSED_CHUNK if fold.compiles(size) else CHUNK
         for start in range(0, size, chunk):
             piece = [part[start:start + chunk] for part in parts]
             fold(piece if isinstance(state, list) else piece[0], flat[start:start + chunk], threshold,
@@ -110,21 +113,43 @@ class _Folder:
         return {name: [views[name] for views in blocks] for name in shapes}
 
 
-def _finalize(combiner: Combiner, state: State, t: int, fill: float, out: torch.Tensor) -> torch.Tensor:
+def _finalize(combiner: Combiner, state: State, t: int, out: torch.Tensor) -> torch.Tensor:
     """m_t of one tensor: the state itself, or finalize(state) written into `out`."""
     if combiner.finish is None:
         return state
     flats, target, size = [part.view(-1) for part in _parts(state)], out.view(-1), out.numel()
-    chunk = size if combiner.finish.compiles(size) else CHUNK
+    chunk = FUSED_CHUNK if combiner.finish.compiles(size) else CHUNK
     for start in range(0, size, chunk):
         piece = [part[start:start + chunk] for part in flats]
-        combiner.finish(piece if isinstance(state, list) else piece[0], t, fill, target[start:start + chunk])
+        combiner.finish(piece if isinstance(state, list) else piece[0], t, target[start:start + chunk])
     return out
 
 
-def _fill(majority: int) -> float:
-    """The sign given to entries whose elected sign is 0: the global majority's, negative when it is 0."""
-    return 1.0 if majority > 0 else -1.0
+def _slices(state: State, size: int, chunk: int) -> Iterator[State]:
+    """Matching flat slices of every part of a state, `chunk` entries at a time."""
+    flats = [part.view(-1) for part in _parts(state)]
+    for start in range(0, size, chunk):
+        piece = [flat[start:start + chunk] for flat in flats]
+        yield piece if isinstance(state, list) else piece[0]
+
+
+def _majority(combiner: Combiner, states: Iterable[State]) -> int:
+    """The TIES majority over these tensors' states (0 for combiners without one)."""
+    if combiner.elect is None:
+        return 0
+    total = 0
+    for state in states:
+        size = _parts(state)[0].numel()
+        chunk = FUSED_CHUNK if combiner.elect.compiles(size) else CHUNK
+        total += sum(int(combiner.elect(piece)) for piece in _slices(state, size, chunk))
+    return total
+
+
+def _elect(merged: Tensors, majority: int, undecided_entries: Iterable[tuple[str, tuple[torch.Tensor, torch.Tensor]]]) -> None:
+    """Where the elected sign was 0, the negative candidate, unless the global majority is positive."""
+    if majority <= 0:
+        for name, (index, values) in undecided_entries:
+            merged[name].view(-1)[index] = values
 
 
 def merge_steps(sources: Sequence[Source], method: MergeMethod, params: MergeParams = MergeParams(),
@@ -159,8 +184,11 @@ def _task_major(sources: Sequence[Source], shapes: dict[str, tuple[int, ...]], f
         threshold = _global_threshold(source, names, fold.sparsifier, reader) if global_trim else None
         for name, tau in zip(names, reader.stream((source, name) for name in names)):
             fold(state[name], tau, Step(name, t, num_tasks, seed, threshold))
-        majority = sum(int(combiner.majority(value)) for value in state.values()) if combiner.majority else 0
-        yield t, {name: _finalize(combiner, value, t, _fill(majority), out.get(name)) for name, value in state.items()}
+        merged = {name: _finalize(combiner, value, t, out.get(name)) for name, value in state.items()}
+        if combiner.elect is not None:
+            _elect(merged, _majority(combiner, state.values()),
+                   ((name, undecided(value)) for name, value in state.items()))
+        yield t, merged
 
 
 def _tensor_major(sources: Sequence[Source], shapes: dict[str, tuple[int, ...]], fold: _Folder, seed: int,
@@ -185,13 +213,11 @@ def _tensor_major(sources: Sequence[Source], shapes: dict[str, tuple[int, ...]],
             state = [part[:size] for part in scratch] if isinstance(scratch, list) else scratch[:size]
         for t, threshold in enumerate(thresholds, start=1):
             fold(state, next(taus), Step(name, t, num_tasks, seed, threshold))
-        _finalize(combiner, state, num_tasks, 1.0, merged[name])
-        if combiner.majority is not None:
-            majority += int(combiner.majority(state))
+        _finalize(combiner, state, num_tasks, merged[name])
+        if combiner.elect is not None:
+            majority += _majority(combiner, [state])
             pending[name] = undecided(state)
-    if _fill(majority) < 0:
-        for name, (index, values) in pending.items():
-            merged[name].view(-1)[index] = values
+    _elect(merged, majority, pending.items())
     yield num_tasks, merged
 
 

@@ -176,18 +176,18 @@ def disjoint_majority(state: list[torch.Tensor]) -> torch.Tensor:
     return torch.sign(state[0] + state[1]).sum(dtype=torch.int64)
 
 
-def mean_finalize(state: torch.Tensor, t: int, fill: float, out: torch.Tensor) -> None:
+def mean_finalize(state: torch.Tensor, t: int, out: torch.Tensor) -> None:
     """Weight averaging: m = (1/t) * S_t, the mean of the fine-tuned weights (the reference's order)."""
     out.copy_(state * (1.0 / t))
 
 
-def disjoint_finalize(state: list[torch.Tensor], t: int, fill: float, out: torch.Tensor) -> None:
-    """TIES elect + disjoint mean: s = sign(S+ + S-), 0 -> `fill` (the sign of the global majority, the sum
-    of s over the whole vector, -1 when that is 0); m = S+ / max(C+, 1) where s > 0, else S- / max(C-, 1)."""
+def disjoint_finalize(state: list[torch.Tensor], t: int, out: torch.Tensor) -> None:
+    """TIES elect + disjoint mean, where s = sign(S+ + S-) = 0 counts as positive: m = S+ / max(C+, 1) where
+    s >= 0, else S- / max(C-, 1). The engine then overwrites the `undecided` entries when the global majority
+    sign (the sum of s over the whole vector) is not positive: s = 0 then selects the negatives (SPEC 2.2)."""
     positive, negative, n_positive, n_negative = state
-    sign = torch.sign(positive + negative)
-    sign = torch.where(sign == 0, fill, sign)
-    out.copy_(torch.where(sign > 0, positive / n_positive.clamp_min(1), negative / n_negative.clamp_min(1)))
+    chosen = positive + negative >= 0
+    out.copy_(torch.where(chosen, positive / n_positive.clamp_min(1), negative / n_negative.clamp_min(1)))
 
 
 def undecided(state: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,23 +207,26 @@ def _fold(update: Callable[..., None], state: State, tau: torch.Tensor, threshol
 @dataclass(frozen=True)
 class Combiner:
     """A fold: `update(state, tau-hat, *scalars(step))` per task, elementwise and in place (so it runs on
-    any slice); `finalize(state, t, fill, out)` per step into `out` (None: the state is the merged vector).
+    any slice); `finalize(state, t, out)` per step into `out` (None: the state is the merged vector).
     `layout(T, compact)`: the dtypes of a list state that starts at zero (None: one fp32 tensor that starts
     as a copy of tau-hat_1); compact: smallest memory, for whole-vector states.
-    `majority` (TIES) is summed over every tensor; where the elected sign is 0 it picks the fill."""
+    `majority` (TIES) is summed over every tensor; when it is not positive, the entries `undecided` names
+    take their negative candidate."""
 
     name: str
     update: Callable[..., None]
-    finalize: Optional[Callable[[State, int, float, torch.Tensor], None]] = None
+    finalize: Optional[Callable[[State, int, torch.Tensor], None]] = None
     majority: Optional[Callable[[State], torch.Tensor]] = None
     layout: Optional[Callable[[int, bool], list[torch.dtype]]] = None
     scalars: Callable[[Step], tuple] = no_scalars
     fold: Kernel = field(init=False, repr=False, compare=False)
     finish: Optional[Kernel] = field(init=False, repr=False, compare=False)
+    elect: Optional[Kernel] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fold", Kernel(partial(_fold, self.update)))
         object.__setattr__(self, "finish", Kernel(self.finalize) if self.finalize else None)
+        object.__setattr__(self, "elect", Kernel(self.majority) if self.majority else None)
 
 
 MAGMAX = Combiner("magmax", magmax_update)
