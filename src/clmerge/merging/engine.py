@@ -16,6 +16,7 @@ through from the first task untouched.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Iterable, Iterator, Optional, Sequence
 
@@ -25,6 +26,7 @@ from clmerge.errors import UserError
 from clmerge.merging.methods import MergeMethod, MergeParams
 from clmerge.merging.parts import Combiner, Sparsifier, State, Step, TopK, trim, undecided
 from clmerge.merging.reader import check_compatible, check_finite_tensor
+from clmerge.merging.kernels import Kernel
 from clmerge.merging.memory import carve
 from clmerge.merging.select import DIRECT, Bracket, bracket
 from clmerge.merging.sources import Source
@@ -97,13 +99,10 @@ class _Folder:
         if step.t == 1:
             for part in state:
                 part.zero_()
-        fold, size = self.combiner.fold, tau.numel()
-        parts, flat = [part.view(-1) for part in _parts(state)], tau.reshape(-1)
-        chunk = FUSED_CHUNK if fold.compiles(size) else CHUNK
-        for start in range(0, size, chunk):
-            piece = [part[start:start + chunk] for part in parts]
-            fold(piece if isinstance(state, list) else piece[0], flat[start:start + chunk], threshold,
-                 *self.combiner.scalars(replace(step, start=start)))
+        fold, flat = self.combiner.fold, tau.reshape(-1)
+        chunk = _chunk(fold, flat.numel())
+        for start, piece in _slices(state, chunk):
+            fold(piece, flat[start:start + chunk], threshold, *self.combiner.scalars(replace(step, start=start)))
 
     def allocate(self, shapes: dict[str, tuple[int, ...]], num_tasks: int, compact: bool) -> dict[str, State]:
         """Uninitialised states for tensors of these shapes, each part one block."""
@@ -113,42 +112,43 @@ class _Folder:
         return {name: [views[name] for views in blocks] for name in shapes}
 
 
+def _chunk(kernel: Kernel, size: int) -> int:
+    """Entries per call: fused calls on 256 Ki entries, eager ones on 64 Ki (temporaries in L2)."""
+    return FUSED_CHUNK if kernel.compiles(size) else CHUNK
+
+
+def _slices(state: State, chunk: int) -> Iterator[tuple[int, State]]:
+    """(start, matching flat slices of every part of a state), `chunk` entries at a time."""
+    flats = [part.view(-1) for part in _parts(state)]
+    for start in range(0, flats[0].numel(), chunk):
+        piece = [flat[start:start + chunk] for flat in flats]
+        yield start, piece if isinstance(state, list) else piece[0]
+
+
 def _finalize(combiner: Combiner, state: State, t: int, out: torch.Tensor) -> torch.Tensor:
     """m_t of one tensor: the state itself, or finalize(state) written into `out`."""
     if combiner.finish is None:
         return state
-    flats, target, size = [part.view(-1) for part in _parts(state)], out.view(-1), out.numel()
-    chunk = FUSED_CHUNK if combiner.finish.compiles(size) else CHUNK
-    for start in range(0, size, chunk):
-        piece = [part[start:start + chunk] for part in flats]
-        combiner.finish(piece if isinstance(state, list) else piece[0], t, target[start:start + chunk])
+    target, chunk = out.view(-1), _chunk(combiner.finish, out.numel())
+    for start, piece in _slices(state, chunk):
+        combiner.finish(piece, t, target[start:start + chunk])
     return out
 
 
-def _slices(state: State, size: int, chunk: int) -> Iterator[State]:
-    """Matching flat slices of every part of a state, `chunk` entries at a time."""
-    flats = [part.view(-1) for part in _parts(state)]
-    for start in range(0, size, chunk):
-        piece = [flat[start:start + chunk] for flat in flats]
-        yield piece if isinstance(state, list) else piece[0]
-
-
 def _majority(combiner: Combiner, states: Iterable[State]) -> int:
-    """The TIES majority over these tensors' states (0 for combiners without one)."""
-    if combiner.elect is None:
-        return 0
+    """The TIES majority over these tensors' states: sum of the elected signs (exact integers)."""
+    assert combiner.elect is not None
     total = 0
     for state in states:
-        size = _parts(state)[0].numel()
-        chunk = FUSED_CHUNK if combiner.elect.compiles(size) else CHUNK
-        total += sum(int(combiner.elect(piece)) for piece in _slices(state, size, chunk))
+        chunk = _chunk(combiner.elect, _parts(state)[0].numel())
+        total += sum(int(combiner.elect(piece)) for _, piece in _slices(state, chunk))
     return total
 
 
-def _elect(merged: Tensors, majority: int, undecided_entries: Iterable[tuple[str, tuple[torch.Tensor, torch.Tensor]]]) -> None:
-    """Where the elected sign was 0, the negative candidate, unless the global majority is positive."""
+def _elect(merged: Tensors, majority: int, pending: Iterable[tuple[str, tuple[torch.Tensor, torch.Tensor]]]) -> None:
+    """Where the elected sign was 0, the negative candidate (parts.undecided), unless the majority is positive."""
     if majority <= 0:
-        for name, (index, values) in undecided_entries:
+        for name, (index, values) in pending:
             merged[name].view(-1)[index] = values
 
 
@@ -201,7 +201,7 @@ def _tensor_major(sources: Sequence[Source], shapes: dict[str, tuple[int, ...]],
     merged = carve(shapes)
     scratch = None
     if combiner.finish is not None:
-        largest = max(_numel(shape) for shape in shapes.values())
+        largest = max(math.prod(shape) for shape in shapes.values())
         scratch = fold.allocate({"": (largest,)}, num_tasks, compact=False)[""]
     majority, pending = 0, {}
     taus = reader.stream((source, name) for name in names for source in sources)
@@ -219,10 +219,6 @@ def _tensor_major(sources: Sequence[Source], shapes: dict[str, tuple[int, ...]],
             pending[name] = undecided(state)
     _elect(merged, majority, pending.items())
     yield num_tasks, merged
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    return torch.Size(shape).numel()
 
 
 def merge_final(sources: Sequence[Source], method: MergeMethod, params: MergeParams = MergeParams()) -> Tensors:

@@ -9,6 +9,7 @@ views of the block, in order; they share its storage, which safetensors and torc
 from __future__ import annotations
 
 import ctypes
+import math
 import sys
 from typing import Mapping, Optional
 
@@ -44,16 +45,9 @@ def block(entries: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 def carve(shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """One uninitialised tensor per name, all views of one block."""
-    flat = block(sum(_numel(shape) for shape in shapes.values()), dtype)
+    flat = block(sum(math.prod(shape) for shape in shapes.values()), dtype)
     views, start = {}, 0
     for name, shape in shapes.items():
-        views[name] = flat[start:start + _numel(shape)].view(shape)
-        start += _numel(shape)
+        views[name] = flat[start:start + math.prod(shape)].view(shape)
+        start += math.prod(shape)
     return views
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
