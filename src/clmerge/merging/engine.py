@@ -3,11 +3,16 @@
 Every step, per tensor, is one fused kernel (merging.kernels: TIES trim + the combiner's update in one pass
 over memory). Two loop orders give the same bits:
 
-- all steps (task-major): task t's tensors are read one at a time into a reused buffer and folded into
-  the state, so memory is the state (1 vector; TIES 2.5) plus one tensor, and all T per-step merges cost
-  one pass (O(T), not O(T^2));
-- final only (tensor-major): each tensor is read from the T files in turn and folded while its state is
-  still in the CPU cache; memory is the merged vector plus one tensor's state.
+- task-major (all steps; final only for one-tensor states): task t's tensors are read one at a time and
+  folded into the state, so memory is the state (1 vector; TIES 2.5) plus two tensor buffers, and all T
+  per-step merges cost one pass (O(T), not O(T^2));
+- tensor-major (TIES final only): each tensor is read from the T files in turn and folded into a state
+  of one tensor's size with fp32 counts (fast to update, stays in cache); memory is the merged vector plus
+  that state. For one-tensor states (MagMax, sums, random mix) this order measured slower here
+  (docs/performance.md), so they stay task-major.
+
+Reads run one tensor ahead on a second thread (merging.stream); states and outputs are one huge-page
+block each (merging.memory).
 
 Global TIES trimming first reads a small sample of each task vector to bracket its threshold and one more
 full pass to find it exactly (merging.select). Integer and boolean tensors are never merged: they pass
@@ -169,14 +174,17 @@ def merge_steps(sources: Sequence[Source], method: MergeMethod, params: MergePar
     sparsifier = method.sparsifier(params)
     global_trim = isinstance(sparsifier, TopK) and sparsifier.scope == "global"
     fold = _Folder(method.combiner, sparsifier)
-    run = _task_major if every_step else _tensor_major
-    for t, merged in run(sources, shapes, fold, params.seed, reader, global_trim):
+    if every_step or method.combiner.layout is None:
+        steps = _task_major(sources, shapes, fold, params.seed, reader, global_trim, every_step)
+    else:
+        steps = _tensor_major(sources, shapes, fold, params.seed, reader, global_trim)
+    for t, merged in steps:
         yield t, {**merged, **passthrough}
 
 
 def _task_major(sources: Sequence[Source], shapes: dict[str, tuple[int, ...]], fold: _Folder, seed: int,
-                reader: Reader, global_trim: bool) -> Iterator[tuple[int, Tensors]]:
-    """m_1..m_T: each task vector folded into the whole state in turn."""
+                reader: Reader, global_trim: bool, every_step: bool) -> Iterator[tuple[int, Tensors]]:
+    """m_1..m_T (m_T alone unless `every_step`): each task vector folded into the whole state in turn."""
     combiner, num_tasks, names = fold.combiner, len(sources), list(shapes)
     state = fold.allocate(shapes, num_tasks, compact=True)
     out = carve(shapes) if combiner.finish is not None else {}  # reused by every step
@@ -184,6 +192,8 @@ def _task_major(sources: Sequence[Source], shapes: dict[str, tuple[int, ...]], f
         threshold = _global_threshold(source, names, fold.sparsifier, reader) if global_trim else None
         for name, tau in zip(names, reader.stream((source, name) for name in names)):
             fold(state[name], tau, Step(name, t, num_tasks, seed, threshold))
+        if not (every_step or t == num_tasks):
+            continue
         merged = {name: _finalize(combiner, value, t, out.get(name)) for name, value in state.items()}
         if combiner.elect is not None:
             _elect(merged, _majority(combiner, state.values()),
@@ -193,24 +203,18 @@ def _task_major(sources: Sequence[Source], shapes: dict[str, tuple[int, ...]], f
 
 def _tensor_major(sources: Sequence[Source], shapes: dict[str, tuple[int, ...]], fold: _Folder, seed: int,
                   reader: Reader, global_trim: bool) -> Iterator[tuple[int, Tensors]]:
-    """m_T alone: each tensor folded over the T tasks while its state is in cache (a state of the largest
-    tensor's size, reused, when the merged vector is not the state itself)."""
+    """m_T alone for a list state (TIES): each tensor folded over the T tasks into one reused state of the
+    largest tensor's size, then finalized into the merged vector."""
     combiner, num_tasks, names = fold.combiner, len(sources), list(shapes)
     thresholds = [_global_threshold(source, names, fold.sparsifier, reader) if global_trim else None
                   for source in sources]
     merged = carve(shapes)
-    scratch = None
-    if combiner.finish is not None:
-        largest = max(math.prod(shape) for shape in shapes.values())
-        scratch = fold.allocate({"": (largest,)}, num_tasks, compact=False)[""]
+    largest = max(math.prod(shape) for shape in shapes.values())
+    scratch = fold.allocate({"": (largest,)}, num_tasks, compact=False)[""]
     majority, pending = 0, {}
     taus = reader.stream((source, name) for name in names for source in sources)
     for name in names:
-        size = merged[name].numel()
-        if scratch is None:
-            state = merged[name]
-        else:
-            state = [part[:size] for part in scratch] if isinstance(scratch, list) else scratch[:size]
+        state = [part[:merged[name].numel()] for part in scratch]
         for t, threshold in enumerate(thresholds, start=1):
             fold(state, next(taus), Step(name, t, num_tasks, seed, threshold))
         _finalize(combiner, state, num_tasks, merged[name])
