@@ -28,11 +28,11 @@ from typing import Iterable, Iterator, Optional, Sequence
 import torch
 
 from clmerge.errors import UserError
+from clmerge.merging.kernels import Kernel
+from clmerge.merging.memory import carve
 from clmerge.merging.methods import MergeMethod, MergeParams
 from clmerge.merging.parts import Combiner, Sparsifier, State, Step, TopK, trim, undecided
 from clmerge.merging.reader import check_compatible, check_finite_tensor
-from clmerge.merging.kernels import Kernel
-from clmerge.merging.memory import carve
 from clmerge.merging.select import DIRECT, Bracket, bracket
 from clmerge.merging.sources import Source
 from clmerge.merging.stream import Reader
