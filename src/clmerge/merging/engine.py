@@ -1,29 +1,46 @@
 """The merge engine: one pass over the task vectors, tensor by tensor, yielding m_t after every step.
 
-Task-major fold: task t's tensors are read one at a time into a reused buffer and folded into the
-state, so memory is the state (1 vector; TIES 2.5) plus one tensor, whatever the number of tasks, and all
-T per-step merges cost one pass (O(T), not O(T^2)). Global TIES trimming first reads a small sample of
-each task vector to bracket its threshold and one more full pass to find it exactly (merging.select).
-Updates run in place on cache-sized chunks of each tensor; random draws stay per whole tensor.
-Integer and boolean tensors are never merged: they pass through from the first task untouched.
+Every step, per tensor, is one fused kernel (merging.kernels: TIES trim + the combiner's update in one pass
+over memory). Two loop orders give the same bits:
+
+- task-major (all steps; final only for one-tensor states): task t's tensors are read one at a time and
+  folded into the state, so memory is the state (1 vector; TIES 2.5) plus two tensor buffers, and all T
+  per-step merges cost one pass (O(T), not O(T^2));
+- tensor-major (TIES final only): each tensor is read from the T files in turn and folded into a state
+  of one tensor's size with fp32 counts (fast to update, stays in cache); memory is the merged vector plus
+  that state. For one-tensor states (MagMax, sums, random mix) this order measured slower here
+  (docs/performance.md), so they stay task-major.
+
+Reads run one tensor ahead on a second thread (merging.stream); states and outputs are one huge-page
+block each (merging.memory).
+
+Global TIES trimming first reads a small sample of each task vector to bracket its threshold and one more
+full pass to find it exactly (merging.select). Integer and boolean tensors are never merged: they pass
+through from the first task untouched.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence
+import math
+from dataclasses import replace
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
 from clmerge.errors import UserError
+from clmerge.merging.kernels import Kernel
+from clmerge.merging.memory import carve
 from clmerge.merging.methods import MergeMethod, MergeParams
-from clmerge.merging.parts import Combiner, Dare, Sparsifier, Step, TopK
+from clmerge.merging.parts import Combiner, Sparsifier, State, Step, TopK, trim, undecided
 from clmerge.merging.reader import check_compatible, check_finite_tensor
 from clmerge.merging.select import DIRECT, Bracket, bracket
 from clmerge.merging.sources import Source
+from clmerge.merging.stream import Reader
 
 Tensors = dict[str, torch.Tensor]
 SAMPLE_BLOCKS, BLOCK = 1024, 256  # global-threshold sample: about this many blocks of this many entries
-CHUNK = 1 << 16  # entries per update call: the update's temporaries stay in the L2 cache
+CHUNK = 1 << 16  # entries per eager call: the temporaries of unfused ops stay in the L2 cache
+FUSED_CHUNK = 1 << 18  # entries per fused call: bounds what a compiled kernel allocates, at ~330 calls per 86 M
 
 
 def check_finite(vector: Tensors, where: str) -> None:
@@ -32,24 +49,7 @@ def check_finite(vector: Tensors, where: str) -> None:
         check_finite_tensor(tensor, where, name)
 
 
-class _Reader:
-    """Reads one source's floating tensors as fp32 into one reused buffer (valid until the next read)."""
-
-    def __init__(self, sizes: Sequence[int]):
-        self.buffers: dict[torch.dtype, torch.Tensor] = {}
-        self.largest = max(sizes, default=0)
-
-    def _buffer(self, dtype: torch.dtype) -> torch.Tensor:
-        if dtype not in self.buffers:
-            self.buffers[dtype] = torch.empty(self.largest, dtype=dtype)
-        return self.buffers[dtype]
-
-    def read(self, source: Source, name: str, start: int = 0, count: int = -1) -> torch.Tensor:
-        tensor = source.read_into(name, self._buffer(source.entries[name].dtype), start, count)
-        return tensor if tensor.dtype == torch.float32 else tensor.float()
-
-
-def _global_threshold(source: Source, names: list[str], topk: TopK, reader: _Reader) -> Optional[float]:
+def _global_threshold(source: Source, names: list[str], topk: TopK, reader: Reader) -> Optional[float]:
     """thr of one task vector over all its floating tensors (None: keep everything), exact."""
     sizes = {name: source.entries[name].numel for name in names}
     total = sum(sizes.values())
@@ -67,11 +67,10 @@ def _global_threshold(source: Source, names: list[str], topk: TopK, reader: _Rea
             start = (size - length) * i // max(blocks - 1, 1)
             samples.append(reader.read(source, name, start, length).abs())
     found = bracket(torch.cat(samples), rank, total)
-    for name in names:
-        tau = reader.read(source, name)
-        check_finite_tensor(tau, str(source.path), name)
-        for (piece,) in _chunks(tau):
-            found.scan(piece.abs())
+    for tau in reader.stream((source, name) for name in names):
+        flat = tau.reshape(-1)
+        for start in range(0, flat.numel(), CHUNK):
+            found.scan(flat[start:start + CHUNK].abs())
     picked = found.pick(rank)
     if picked is None:  # unlucky sample: exact fallback over the whole vector
         whole = Bracket(None, None)
@@ -79,6 +78,83 @@ def _global_threshold(source: Source, names: list[str], topk: TopK, reader: _Rea
             whole.scan(reader.read(source, name).abs())
         picked = whole.pick(rank)
     return picked
+
+
+def _parts(state: State) -> list[torch.Tensor]:
+    return state if isinstance(state, list) else [state]
+
+
+class _Folder:
+    """Folds one tensor of one task into its (preallocated) state: sparsify, then the fused trim + update
+    kernel; at t = 1 a list state is zeroed first, a tensor state becomes a copy of tau-hat_1."""
+
+    def __init__(self, combiner: Combiner, sparsifier: Optional[Sparsifier]):
+        self.combiner, self.sparsifier = combiner, sparsifier
+
+    def __call__(self, state: State, tau: torch.Tensor, step: Step) -> None:
+        threshold = step.threshold
+        if isinstance(self.sparsifier, TopK):
+            if self.sparsifier.scope == "tensor":
+                threshold = self.sparsifier.tensor_threshold(tau)
+        elif self.sparsifier is not None:
+            tau = self.sparsifier(tau, step)
+        if step.t == 1 and not isinstance(state, list):
+            state.view(-1).copy_(trim(tau, threshold).reshape(-1))
+            return
+        if step.t == 1:
+            for part in state:
+                part.zero_()
+        fold, flat = self.combiner.fold, tau.reshape(-1)
+        chunk = _chunk(fold, flat.numel())
+        for start, piece in _slices(state, chunk):
+            fold(piece, flat[start:start + chunk], threshold, *self.combiner.scalars(replace(step, start=start)))
+
+    def allocate(self, shapes: dict[str, tuple[int, ...]], num_tasks: int, compact: bool) -> dict[str, State]:
+        """Uninitialised states for tensors of these shapes, each part one block."""
+        if self.combiner.layout is None:
+            return carve(shapes)
+        blocks = [carve(shapes, dtype) for dtype in self.combiner.layout(num_tasks, compact)]
+        return {name: [views[name] for views in blocks] for name in shapes}
+
+
+def _chunk(kernel: Kernel, size: int) -> int:
+    """Entries per call: fused calls on 256 Ki entries, eager ones on 64 Ki (temporaries in L2)."""
+    return FUSED_CHUNK if kernel.compiles(size) else CHUNK
+
+
+def _slices(state: State, chunk: int) -> Iterator[tuple[int, State]]:
+    """(start, matching flat slices of every part of a state), `chunk` entries at a time."""
+    flats = [part.view(-1) for part in _parts(state)]
+    for start in range(0, flats[0].numel(), chunk):
+        piece = [flat[start:start + chunk] for flat in flats]
+        yield start, piece if isinstance(state, list) else piece[0]
+
+
+def _finalize(combiner: Combiner, state: State, t: int, out: torch.Tensor) -> torch.Tensor:
+    """m_t of one tensor: the state itself, or finalize(state) written into `out`."""
+    if combiner.finish is None:
+        return state
+    target, chunk = out.view(-1), _chunk(combiner.finish, out.numel())
+    for start, piece in _slices(state, chunk):
+        combiner.finish(piece, t, target[start:start + chunk])
+    return out
+
+
+def _majority(combiner: Combiner, states: Iterable[State]) -> int:
+    """The TIES majority over these tensors' states: sum of the elected signs (exact integers)."""
+    assert combiner.elect is not None
+    total = 0
+    for state in states:
+        chunk = _chunk(combiner.elect, _parts(state)[0].numel())
+        total += sum(int(combiner.elect(piece)) for _, piece in _slices(state, chunk))
+    return total
+
+
+def _elect(merged: Tensors, majority: int, pending: Iterable[tuple[str, tuple[torch.Tensor, torch.Tensor]]]) -> None:
+    """Where the elected sign was 0, the negative candidate (parts.undecided), unless the majority is positive."""
+    if majority <= 0:
+        for name, (index, values) in pending:
+            merged[name].view(-1)[index] = values
 
 
 def merge_steps(sources: Sequence[Source], method: MergeMethod, params: MergeParams = MergeParams(),
@@ -91,70 +167,62 @@ def merge_steps(sources: Sequence[Source], method: MergeMethod, params: MergePar
         raise UserError("there are no task vectors to merge; run `clmerge finetune` first")
     check_compatible(list(sources))
     first = sources[0]
-    names = [name for name, entry in first.entries.items() if entry.dtype.is_floating_point]
+    shapes = {name: entry.shape for name, entry in first.entries.items() if entry.dtype.is_floating_point}
     passthrough = {name: first.read(name) for name, entry in first.entries.items()
                    if not entry.dtype.is_floating_point}
-    reader = _Reader([first.entries[name].numel for name in names])
+    reader = Reader([first.entries[name].numel for name in shapes])
     sparsifier = method.sparsifier(params)
-    combiner, num_tasks = method.combiner, len(sources)
-    state: dict[str, object] = {}
-    out: Tensors = {}  # the merged vector of a step, reused by the next one
+    global_trim = isinstance(sparsifier, TopK) and sparsifier.scope == "global"
+    fold = _Folder(method.combiner, sparsifier)
+    if every_step or method.combiner.layout is None:
+        steps = _task_major(sources, shapes, fold, params.seed, reader, global_trim, every_step)
+    else:
+        steps = _tensor_major(sources, shapes, fold, params.seed, reader, global_trim)
+    for t, merged in steps:
+        yield t, {**merged, **passthrough}
+
+
+def _task_major(sources: Sequence[Source], shapes: dict[str, tuple[int, ...]], fold: _Folder, seed: int,
+                reader: Reader, global_trim: bool, every_step: bool) -> Iterator[tuple[int, Tensors]]:
+    """m_1..m_T (m_T alone unless `every_step`): each task vector folded into the whole state in turn."""
+    combiner, num_tasks, names = fold.combiner, len(sources), list(shapes)
+    state = fold.allocate(shapes, num_tasks, compact=True)
+    out = carve(shapes) if combiner.finish is not None else {}  # reused by every step
     for t, source in enumerate(sources, start=1):
-        threshold = (_global_threshold(source, names, sparsifier, reader)
-                     if isinstance(sparsifier, TopK) and sparsifier.scope == "global" else None)
-        for name in names:
-            tau = reader.read(source, name)
-            check_finite_tensor(tau, str(source.path), name)
-            if isinstance(sparsifier, TopK) and sparsifier.scope == "tensor":
-                threshold = sparsifier.tensor_threshold(tau)
-            step = Step(name, t, num_tasks, params.seed, threshold)
-            if name not in state and combiner.init is not None:
-                state[name] = combiner.init(tau, step)
-            if name in state and combiner.elementwise and not isinstance(sparsifier, Dare):
-                state[name] = _fold_chunks(state[name], tau, step, combiner, sparsifier)
-            else:
-                state[name] = combiner.update(state.get(name), tau if sparsifier is None else sparsifier(tau, step),
-                                              step)
-        if every_step or t == num_tasks:
-            if combiner.needs_out and not out:
-                out = {name: torch.empty(first.entries[name].shape) for name in names}
-            yield t, {**_finalize(state, t, combiner, out), **passthrough}
-
-
-def _chunks(state: object, *others: torch.Tensor) -> Iterator[tuple[object, ...]]:
-    """Matching cache-sized slices of a state (tensor or list of tensors) and of other same-sized tensors."""
-    parts = state if isinstance(state, list) else [state]
-    views = [part.view(-1) for part in parts]
-    flats = [other.reshape(-1) for other in others]
-    for start in range(0, views[0].numel(), CHUNK):
-        chunk = [view[start:start + CHUNK] for view in views]
-        yield (chunk if isinstance(state, list) else chunk[0], *(flat[start:start + CHUNK] for flat in flats))
-
-
-def _finalize(state: dict[str, object], t: int, combiner: Combiner, out: Tensors) -> Tensors:
-    """m_t of every tensor (into `out` where the combiner needs it), chunk by chunk where it can."""
-    if not combiner.elementwise:
-        return {name: combiner.finalize(value, t, 0.0, out.get(name)) for name, value in state.items()}
-    majority = 0.0
-    if combiner.majority is not None:
-        majority = sum(combiner.majority(chunk) for value in state.values() for (chunk,) in _chunks(value))
-    merged = {}
-    for name, value in state.items():
-        if name not in out:
-            merged[name] = combiner.finalize(value, t, majority, None)
+        threshold = _global_threshold(source, names, fold.sparsifier, reader) if global_trim else None
+        for name, tau in zip(names, reader.stream((source, name) for name in names)):
+            fold(state[name], tau, Step(name, t, num_tasks, seed, threshold))
+        if not (every_step or t == num_tasks):
             continue
-        for chunk, target in _chunks(value, out[name]):
-            combiner.finalize(chunk, t, majority, target)
-        merged[name] = out[name]
-    return merged
+        merged = {name: _finalize(combiner, value, t, out.get(name)) for name, value in state.items()}
+        if combiner.elect is not None:
+            _elect(merged, _majority(combiner, state.values()),
+                   ((name, undecided(value)) for name, value in state.items()))
+        yield t, merged
 
 
-def _fold_chunks(state: object, tau: torch.Tensor, step: Step, combiner: Combiner,
-                 sparsifier: Optional[Sparsifier]) -> object:
-    """Update `state` in place chunk by chunk, so that the temporaries of the update stay in cache."""
-    for chunk, piece in _chunks(state, tau):
-        combiner.update(chunk, piece if sparsifier is None else sparsifier(piece, step), step)
-    return state
+def _tensor_major(sources: Sequence[Source], shapes: dict[str, tuple[int, ...]], fold: _Folder, seed: int,
+                  reader: Reader, global_trim: bool) -> Iterator[tuple[int, Tensors]]:
+    """m_T alone for a list state (TIES): each tensor folded over the T tasks into one reused state of the
+    largest tensor's size, then finalized into the merged vector."""
+    combiner, num_tasks, names = fold.combiner, len(sources), list(shapes)
+    thresholds = [_global_threshold(source, names, fold.sparsifier, reader) if global_trim else None
+                  for source in sources]
+    merged = carve(shapes)
+    largest = max(math.prod(shape) for shape in shapes.values())
+    scratch = fold.allocate({"": (largest,)}, num_tasks, compact=False)[""]
+    majority, pending = 0, {}
+    taus = reader.stream((source, name) for name in names for source in sources)
+    for name in names:
+        state = [part[:merged[name].numel()] for part in scratch]
+        for t, threshold in enumerate(thresholds, start=1):
+            fold(state, next(taus), Step(name, t, num_tasks, seed, threshold))
+        _finalize(combiner, state, num_tasks, merged[name])
+        if combiner.elect is not None:
+            majority += _majority(combiner, [state])
+            pending[name] = undecided(state)
+    _elect(merged, majority, pending.items())
+    yield num_tasks, merged
 
 
 def merge_final(sources: Sequence[Source], method: MergeMethod, params: MergeParams = MergeParams()) -> Tensors:

@@ -14,6 +14,9 @@ from clmerge.merging.parts import (DISJOINT_MEAN, LAST, MAGMAX, MEAN, PAIRWISE_M
                                    Dare, Sparsifier, TopK)
 
 
+RANDOM_MIX_DRAWS = "hash32"  # random mix's draws (parts.uniform24); earlier stores drew with torch.rand
+
+
 @dataclass(frozen=True)
 class MergeParams:
     """The knobs of the parts (merge.ties.*, merge.dare.*) and the run seed of the random ones."""
@@ -51,6 +54,8 @@ class MergeMethod:
     def key_params(self, params: MergeParams) -> dict[str, Any]:
         """The params the merged vector depends on (they go into the store key)."""
         found: dict[str, Any] = {"seed": params.seed} if self.random else {}
+        if self.combiner is RANDOM_MIX:
+            found["draws"] = RANDOM_MIX_DRAWS
         if self.sparsify == "topk":
             found.update(k=params.ties_k, scope=params.ties_scope, denominator=params.ties_denominator)
         if self.sparsify == "dare":

@@ -2,33 +2,39 @@
 
 A sparsifier maps one task vector tensor tau_t to tau-hat_t (trim, random drop); a combiner is a left fold
 over tau-hat_1..tau-hat_t in task order with a small state, and `finalize` gives the merged m_t. Each
-runs tensor by tensor. Updates may reuse the storage of `state` (like torch's in-place ops) and return
-it; a state never aliases its input. The deployed model is theta_0 + lambda * m (SPEC.md sections 1-2).
+runs tensor by tensor. A combiner's `update` is elementwise and in place on its state, so it can run on
+any slice of a tensor, and its `fold` kernel (TIES trim + update) is fused into one pass (merging.kernels).
+The deployed model is theta_0 + lambda * m (SPEC.md sections 1-2).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Optional
 
 import torch
 
 from clmerge.data.registry import derived_seed
+from clmerge.merging.kernels import Kernel
 from clmerge.merging.select import kth_smallest
 
 State = Any  # a tensor, or a list of tensors (TIES)
+HALF = 0x7FFFFFFF  # random mix keys are fed to int32 arithmetic 31 bits at a time
 
 
 @dataclass(frozen=True)
 class Step:
-    """Where a fold is: tensor `name`, task t (1-based) of `num_tasks`, run seed, trim threshold."""
+    """Where a fold is: tensor `name`, task t (1-based) of `num_tasks`, run seed, trim threshold, and the
+    offset of the slice being folded within the tensor (random mix draws by entry index)."""
 
     name: str
     t: int
     num_tasks: int
     seed: int = 0
     threshold: Optional[float] = None
+    start: int = 0
 
 
 def generator(seed: int, purpose: str, name: str, t: int) -> torch.Generator:
@@ -37,6 +43,11 @@ def generator(seed: int, purpose: str, name: str, t: int) -> torch.Generator:
 
 
 # ------------------------------------------------------------------------------------------ sparsifiers
+
+
+def trim(tau: torch.Tensor, threshold: Optional[float]) -> torch.Tensor:
+    """TIES trim: tau where |tau| >= threshold, else 0 (None keeps everything)."""
+    return tau if threshold is None else torch.where(tau.abs() >= threshold, tau, 0.0)
 
 
 @dataclass(frozen=True)
@@ -64,9 +75,7 @@ class TopK:
 
     def __call__(self, tau: torch.Tensor, step: Step) -> torch.Tensor:
         """Trim with the threshold of the scope, which the engine puts in `step.threshold`."""
-        if step.threshold is None:
-            return tau
-        return torch.where(tau.abs() >= step.threshold, tau, 0.0)
+        return trim(tau, step.threshold)
 
 
 @dataclass(frozen=True)
@@ -89,109 +98,147 @@ Sparsifier = Callable[[torch.Tensor, Step], torch.Tensor]
 # ------------------------------------------------------------------------------------------ combiners
 
 
-def magmax_update(state: Optional[torch.Tensor], tau: torch.Tensor, step: Step) -> torch.Tensor:
+def no_scalars(step: Step) -> tuple[()]:
+    """The update needs nothing but the state and tau."""
+    return ()
+
+
+def magmax_update(state: torch.Tensor, tau: torch.Tensor) -> None:
     """MagMax (Marczak et al., ECCV 2024, arXiv 2407.06322): per entry, the signed value of largest |tau|.
 
     m_1 = tau_1;  m_t = where(|tau_t| >= |m_{t-1}|, tau_t, m_{t-1})  (">=": ties go to the latest task).
     """
-    if state is None:
-        return tau.clone()
-    return torch.where(tau.abs() >= state.abs(), tau, state, out=state)
+    state.copy_(torch.where(tau.abs() >= state.abs(), tau, state))
 
 
-def sum_update(state: Optional[torch.Tensor], tau: torch.Tensor, step: Step) -> torch.Tensor:
+def sum_update(state: torch.Tensor, tau: torch.Tensor) -> None:
     """Running sum S_t = S_{t-1} + tau_t."""
-    return tau.clone() if state is None else state.add_(tau)
+    state.add_(tau)
 
 
-def random_mix_update(state: Optional[torch.Tensor], tau: torch.Tensor, step: Step) -> torch.Tensor:
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective hash of 32-bit integers (int32 tensors, multiplication wrapping mod 2**32, `>>` logical):
+    two rounds of x = ((x >> 16) ^ x) * 0x45d9f3b, then (x >> 16) ^ x. int32 so that it vectorises."""
+    x = (((x >> 16) & 0xFFFF) ^ x) * 0x45D9F3B
+    x = (((x >> 16) & 0xFFFF) ^ x) * 0x45D9F3B
+    return ((x >> 16) & 0xFFFF) ^ x
+
+
+def uniform24(low: int, high: int, start: int, count: int) -> torch.Tensor:
+    """Integers in [0, 2**24) for entries start..start+count-1 of a tensor: the top 24 bits of
+    mix32(mix32(e ^ low) ^ high), e the flat entry index, (low, high) two 31-bit halves of a key;
+    u = uniform24 / 2**24 is U[0, 1) at fp32's resolution."""
+    index = torch.arange(start, start + count, dtype=torch.int32)
+    return (mix32(mix32(index ^ low) ^ high) >> 8) & 0xFFFFFF
+
+
+def random_mix_scalars(step: Step) -> tuple[int, int, int, int]:
+    """(low, high, start, limit): bits 0-30 and 31-61 of key = derived_seed(seed, "random_mix", tensor
+    name, t); take tau_t where u < 1/t, i.e. where uniform24 < limit = ceil(2**24 / t)."""
+    key = derived_seed(step.seed, "random_mix", step.name, step.t)
+    return key & HALF, key >> 31 & HALF, step.start, -(-(1 << 24) // step.t)
+
+
+def random_mix_update(state: torch.Tensor, tau: torch.Tensor, low: int, high: int, start: int,
+                      limit: int) -> None:
     """Random mix: m[e] = tau_{r_e}[e], r_e ~ Uniform{1..t}, by reservoir sampling (SPEC.md 2.1).
 
-    m_1 = tau_1;  m_t = where(u < 1/t, tau_t, m_{t-1}),  u ~ U[0, 1) per entry, one generator per
-    (run seed, tensor, t).
+    m_1 = tau_1;  m_t = where(u < 1/t, tau_t, m_{t-1}), u = uniform24(...)/2**24 per entry: a counter-based
+    hash of (run seed, tensor, t, entry index), so any slice can be drawn on its own, in one fused pass.
     """
-    if state is None:
-        return tau.clone()
-    u = torch.rand(tau.shape, generator=generator(step.seed, "random_mix", step.name, step.t))
-    return torch.where(u < 1.0 / step.t, tau, state, out=state)
+    take = uniform24(low, high, start, tau.numel()).view(tau.shape) < limit
+    state.copy_(torch.where(take, tau, state))
 
 
-def pairwise_mean_update(state: Optional[torch.Tensor], tau: torch.Tensor, step: Step) -> torch.Tensor:
+def pairwise_mean_update(state: torch.Tensor, tau: torch.Tensor) -> None:
     """PAM's merge (Sokar et al., arXiv 2506.03189): m_1 = tau_1;  m_t = (m_{t-1} + tau_t) / 2."""
-    return tau.clone() if state is None else state.add_(tau).mul_(0.5)
+    state.copy_((state + tau) * 0.5)
 
 
-def last_update(state: Optional[torch.Tensor], tau: torch.Tensor, step: Step) -> torch.Tensor:
+def last_update(state: torch.Tensor, tau: torch.Tensor) -> None:
     """Sequential fine-tuning baseline: m_t = tau_t, i.e. deploy theta_t itself (lambda 1)."""
-    return tau.clone() if state is None else state.copy_(tau)
+    state.copy_(tau)
 
 
-def disjoint_init(tau: torch.Tensor, step: Step) -> list[torch.Tensor]:
-    """TIES state before the first task: S+ = S- = 0 (fp32), C+ = C- = 0 (uint8 while T <= 255)."""
-    count = torch.uint8 if step.num_tasks <= 255 else torch.int32
-    return [torch.zeros(tau.shape), torch.zeros(tau.shape), torch.zeros(tau.shape, dtype=count),
-            torch.zeros(tau.shape, dtype=count)]
+def disjoint_layout(num_tasks: int, compact: bool) -> list[torch.dtype]:
+    """TIES state, all zeros before the first task: S+, S- (fp32), C+, C- (counts: uint8 while T <= 255 when
+    `compact`, else fp32, exact up to 2**24 and several times faster to update)."""
+    count = torch.float32 if not compact else torch.uint8 if num_tasks <= 255 else torch.int32
+    return [torch.float32, torch.float32, count, count]
 
 
-def disjoint_update(state: Optional[list[torch.Tensor]], tau: torch.Tensor, step: Step) -> list[torch.Tensor]:
+def disjoint_update(state: list[torch.Tensor], tau: torch.Tensor) -> None:
     """TIES streaming state: S+ += max(tau,0), S- += min(tau,0), C+ += [tau > 0], C- += [tau < 0]."""
-    if state is None:
-        state = disjoint_init(tau, step)
     positive, negative, n_positive, n_negative = state
     positive.add_(tau.clamp_min(0.0))
     negative.add_(tau.clamp_max(0.0))
-    n_positive.add_(tau > 0)
-    n_negative.add_(tau < 0)
-    return state
+    n_positive.copy_(n_positive.float() + (tau > 0).float())  # via fp32: vectorises, unlike uint8 adds
+    n_negative.copy_(n_negative.float() + (tau < 0).float())
 
 
-def disjoint_majority(state: list[torch.Tensor]) -> float:
-    """This tensor's share of the global majority sign: sum_e sign(S+ + S-)."""
-    return float(torch.sign(state[0] + state[1]).sum())
+def disjoint_majority(state: list[torch.Tensor]) -> torch.Tensor:
+    """This tensor's share of the global majority sign: sum_e sign(S+ + S-) (int64, exact)."""
+    return torch.sign(state[0] + state[1]).sum(dtype=torch.int64)
 
 
-def identity_finalize(state: torch.Tensor, t: int, majority: float, out: torch.Tensor) -> torch.Tensor:
-    """The state is the merged vector (`out` is not needed)."""
-    return state
-
-
-def mean_finalize(state: torch.Tensor, t: int, majority: float, out: torch.Tensor) -> torch.Tensor:
+def mean_finalize(state: torch.Tensor, t: int, out: torch.Tensor) -> None:
     """Weight averaging: m = (1/t) * S_t, the mean of the fine-tuned weights (the reference's order)."""
-    return torch.mul(state, 1.0 / t, out=out)
+    out.copy_(state * (1.0 / t))
 
 
-def disjoint_finalize(state: list[torch.Tensor], t: int, majority: float, out: torch.Tensor) -> torch.Tensor:
-    """TIES elect + disjoint mean: s = sign(S+ + S-), 0 -> sign of the global majority (sum of s over the
-    whole vector); m = S+ / max(C+, 1) where s > 0, else S- / max(C-, 1) (s = 0 selects negatives)."""
+def disjoint_finalize(state: list[torch.Tensor], t: int, out: torch.Tensor) -> None:
+    """TIES elect + disjoint mean, where s = sign(S+ + S-) = 0 counts as positive: m = S+ / max(C+, 1) where
+    s >= 0, else S- / max(C-, 1). The engine then overwrites the `undecided` entries when the global majority
+    sign (the sum of s over the whole vector) is not positive: s = 0 then selects the negatives (SPEC 2.2)."""
     positive, negative, n_positive, n_negative = state
-    sign = torch.sign(positive + negative)
-    if majority != 0:
-        sign = torch.where(sign == 0, math.copysign(1.0, majority), sign)
-    return torch.where(sign > 0, positive / n_positive.clamp_min(1), negative / n_negative.clamp_min(1), out=out)
+    chosen = positive + negative >= 0
+    out.copy_(torch.where(chosen, positive / n_positive.clamp_min(1), negative / n_negative.clamp_min(1)))
+
+
+def undecided(state: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where s = 0 and the two candidates differ (S- != 0), as flat indices, with S- / max(C-, 1) there: the
+    entries to overwrite once the whole vector's majority turns out not positive."""
+    positive, negative, _, n_negative = (part.reshape(-1) for part in state)
+    index = ((positive + negative == 0) & (negative != 0)).nonzero().squeeze(1)
+    return index, negative[index] / n_negative[index].clamp_min(1)
+
+
+def _fold(update: Callable[..., None], state: State, tau: torch.Tensor, threshold: Optional[float],
+          *scalars: Any) -> None:
+    """One fold step with the TIES trim fused in: update(state, trim(tau, threshold), *scalars)."""
+    update(state, trim(tau, threshold), *scalars)
 
 
 @dataclass(frozen=True)
 class Combiner:
-    """A fold: update per task, finalize per step into `out` (a buffer reused across steps) or the state
-    itself; `majority` (TIES) is summed over every tensor first.
-    `elementwise`: update and finalize may run on any slice of a tensor and its state (in place), so the
-    engine can feed them cache-sized chunks (after `init`, if given, made the state); random draws are per
-    whole tensor, so random mix is not."""
+    """A fold: `update(state, tau-hat, *scalars(step))` per task, elementwise and in place (so it runs on
+    any slice); `finalize(state, t, out)` per step into `out` (None: the state is the merged vector).
+    `layout(T, compact)`: the dtypes of a list state that starts at zero (None: one fp32 tensor that starts
+    as a copy of tau-hat_1); compact: smallest memory, for whole-vector states.
+    `majority` (TIES) is summed over every tensor; when it is not positive, the entries `undecided` names
+    take their negative candidate."""
 
     name: str
-    update: Callable[[Optional[State], torch.Tensor, Step], State]
-    finalize: Callable[[State, int, float, torch.Tensor], torch.Tensor]
-    majority: Optional[Callable[[State], float]] = None
-    elementwise: bool = True
-    needs_out: bool = False
-    init: Optional[Callable[[torch.Tensor, Step], State]] = None
+    update: Callable[..., None]
+    finalize: Optional[Callable[[State, int, torch.Tensor], None]] = None
+    majority: Optional[Callable[[State], torch.Tensor]] = None
+    layout: Optional[Callable[[int, bool], list[torch.dtype]]] = None
+    scalars: Callable[[Step], tuple] = no_scalars
+    fold: Kernel = field(init=False, repr=False, compare=False)
+    finish: Optional[Kernel] = field(init=False, repr=False, compare=False)
+    elect: Optional[Kernel] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fold", Kernel(partial(_fold, self.update)))
+        object.__setattr__(self, "finish", Kernel(self.finalize) if self.finalize else None)
+        object.__setattr__(self, "elect", Kernel(self.majority) if self.majority else None)
 
 
-MAGMAX = Combiner("magmax", magmax_update, identity_finalize)
-SUM = Combiner("sum", sum_update, identity_finalize)
-MEAN = Combiner("mean", sum_update, mean_finalize, needs_out=True)
-RANDOM_MIX = Combiner("random_mix", random_mix_update, identity_finalize, elementwise=False)
-LAST = Combiner("last", last_update, identity_finalize)
-PAIRWISE_MEAN = Combiner("pairwise_mean", pairwise_mean_update, identity_finalize)
-DISJOINT_MEAN = Combiner("disjoint_mean", disjoint_update, disjoint_finalize, disjoint_majority, needs_out=True,
-                         init=disjoint_init)
+MAGMAX = Combiner("magmax", magmax_update)
+SUM = Combiner("sum", sum_update)
+MEAN = Combiner("mean", sum_update, mean_finalize)
+RANDOM_MIX = Combiner("random_mix", random_mix_update, scalars=random_mix_scalars)
+LAST = Combiner("last", last_update)
+PAIRWISE_MEAN = Combiner("pairwise_mean", pairwise_mean_update)
+DISJOINT_MEAN = Combiner("disjoint_mean", disjoint_update, disjoint_finalize, disjoint_majority,
+                         layout=disjoint_layout)
