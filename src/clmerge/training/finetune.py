@@ -121,6 +121,7 @@ def train_task(model: torch.nn.Module, params: list[torch.nn.Parameter], recipe:
 
     With several processes (`shard`), this rank trains on its slice of each global batch (training/optim.py).
     """
+    check_accumulate(cfg, shard.world)
     total = steps_per_task(cfg, len(dataset))
     warmup = warmup_length(total, cfg.warmup_steps, cfg.warmup_ratio)
     optimizer = make_optimizer(params, cfg, device)
