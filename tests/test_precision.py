@@ -59,3 +59,19 @@ def test_bad_throughput_settings_are_one_line_exit_2_and_write_nothing(cli, path
     result = cli("finetune", *TINY, *paths, *args)
     assert_one_line_error(result, *fragments)
     assert files_under(tmp_path) == []
+
+
+def test_the_store_key_and_results_hold_the_resolved_precision(monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
+    from test_pipeline import tiny_cfg
+
+    from clmerge.store import finetune_key
+
+    cfg = tiny_cfg(tmp_path, precision="auto", device="cpu")
+    explicit = {p: tiny_cfg(tmp_path, precision=p, device="cpu") for p in ("fp32", "bf16")}
+    for native, expected in ((False, "fp32"), (True, "bf16")):
+        monkeypatch.setattr(precision, "native_bf16", lambda d: native)
+        resolved = precision.with_precision(cfg, check=True)
+        assert resolved.finetune.precision == expected  # what report.results_document records
+        assert finetune_key(resolved) == finetune_key(explicit[expected])
+    assert finetune_key(explicit["fp32"]) != finetune_key(explicit["bf16"])
