@@ -21,7 +21,7 @@ from clmerge.training.optim import Stepper
 CFG = FinetuneConfig(lr=1e-3, weight_decay=0.1, batch_size=32, steps=3, warmup_steps=1, optimizer_impl="plain")
 
 
-def _step_change(accumulate: int, batch: int, penalty: float) -> list[torch.Tensor]:
+def _step_change(accumulate: int, batch: int, penalty: float, precision: str = "fp32") -> list[torch.Tensor]:
     """-(gradient) of one Stepper step (plain SGD, lr 1) of a small MLP on `batch` fixed samples, with an
     EWC-like data-independent term penalty * sum ||p||^2 added to every micro-batch's loss."""
     generator = torch.Generator().manual_seed(0)
@@ -33,7 +33,7 @@ def _step_change(accumulate: int, batch: int, penalty: float) -> list[torch.Tens
     params = list(model.parameters())
     before = [p.detach().clone() for p in params]
     cfg = replace(CFG, batch_size=32, accumulate=accumulate, grad_clip=0.0)
-    stepper = Stepper(params, torch.optim.SGD(params, lr=1.0), cfg, "fp32", torch.device("cpu"), Shard())
+    stepper = Stepper(params, torch.optim.SGD(params, lr=1.0), cfg, precision, torch.device("cpu"), Shard())
 
     def loss_fn(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(model(images), targets) + penalty * sum(p.pow(2).sum() for p in params)
@@ -57,6 +57,11 @@ def test_an_extra_loss_term_counts_once_per_step_not_once_per_micro_batch() -> N
     assert _relative(full, _step_change(1, 32, 0.0)) > 1e-2  # the penalty matters
     assert _relative(full, _step_change(4, 32, 1e-2)) < 1e-6
     assert _relative(full, _step_change(1, 32, 4e-2)) > 1e-2  # what counting it 4 times would give
+
+
+def test_fp16_with_the_gradient_scaler_takes_the_fp32_step() -> None:
+    """The scaler's path (scaled backward, unscale before clipping, step, update) on CPU autocast fp16."""
+    assert _relative(_step_change(4, 32, 0.0), _step_change(4, 32, 0.0, "fp16")) < 1e-2
 
 
 def _task_vector(cfg: FinetuneConfig) -> dict[str, torch.Tensor]:
