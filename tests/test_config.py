@@ -88,7 +88,7 @@ def test_a_value_of_the_wrong_type_is_rejected(override: str, message: str) -> N
 
 @pytest.mark.parametrize("override", ["finetune.lrr=1", "+finetune.lrr=1"])
 def test_an_unknown_key_is_rejected_with_the_valid_keys(override: str) -> None:
-    with pytest.raises(UserError, match=r"^unknown config key 'finetune.lrr'; valid keys under finetune: regime, lr,"):
+    with pytest.raises(UserError, match=r"^unknown config key 'finetune.lrr'; valid keys under finetune: regime, adapter, lr,"):
         compose_config([override])
 
 

@@ -5,7 +5,6 @@ Each job takes the typed `Config` once and plain paths; none reads Hydra state.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,7 +27,7 @@ from clmerge.models.tower import freeze_all_but_tower, snapshot
 from clmerge.store import BASE_FILE, finetune_dir, finished_finetune, task_file
 from clmerge.training.finetune import check_recipe, effective_recipe, task_recipe, train_task
 from clmerge.training.regimes import RegimeContext, evaluated_methods, make_regime, make_tower
-from clmerge.training.distributed import RankStore, join
+from clmerge.training.distributed import RankStore, join, main_process
 from clmerge.training.precision import resolve_device, with_precision
 
 
@@ -51,7 +50,8 @@ def finetune(cfg: Config, console: Console, output_dir: Optional[Path] = None) -
     """
     check_recipe(cfg.finetune)
     cfg = with_precision(cfg, check=True)
-    log = report.TrainingLog(output_dir / "training_log.csv" if cfg.finetune.log == "csv" and output_dir else None)
+    csv = cfg.finetune.log == "csv" and output_dir and main_process()
+    log = report.TrainingLog(output_dir / "training_log.csv" if csv else None)
     shard, device = join(cfg.finetune.distributed, _prepare(cfg))
     loaded, benchmark = _model_and_benchmark(cfg, device)
     store = RankStore(finetune_dir(cfg), shard)
@@ -146,6 +146,6 @@ def run(cfg: Config, console: Console, output_dir: Path) -> dict:
     """finetune, then merge with every method of cfg.eval.methods, then evaluate."""
     start = time.perf_counter()
     finetune(cfg, console, output_dir)
-    if os.environ.get("RANK", "0") != "0":
+    if not main_process():
         return {}  # under torchrun, rank 0 evaluates
     return evaluate(cfg, console, output_dir, timings={"finetune": time.perf_counter() - start})

@@ -52,6 +52,11 @@ def launched() -> bool:
     return all(name in os.environ for name in _LAUNCHER_VARS)
 
 
+def main_process() -> bool:
+    """Whether this process is rank 0 of torchrun's processes (or runs alone): the one that logs and evaluates."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def check_distributed(mode: str) -> None:
     """Reject an unknown mode, or `on` without a launcher environment (one line naming the command)."""
     if mode not in DISTRIBUTED:
