@@ -93,7 +93,10 @@ class FinetuneConfig:
     warmup_steps: int = 500  # linear warmup length, restarted every task
     warmup_ratio: Optional[float] = None  # if set: warmup = ceil(ratio * steps of the task), overrides warmup_steps
     grad_clip: float = 1.0  # max total L2 norm of the gradient; <= 0 disables clipping
-    precision: str = "fp32"
+    precision: str = "fp32"  # auto (bf16 where native, fp16 on older GPUs, else fp32) | fp32 | bf16 | fp16
+    accumulate: int = 1  # micro-batches per optimizer step (batch_size stays the global batch)
+    optimizer_impl: str = "auto"  # AdamW kernels: auto (= fused) | fused | foreach | plain
+    distributed: str = "auto"  # auto: data-parallel when launched by torchrun | on: require torchrun | off
     num_workers: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log: str = "none"  # none | csv: every optimizer step to <run dir>/training_log.csv

@@ -27,7 +27,8 @@ from clmerge.models.tower import freeze_all_but_tower, snapshot
 from clmerge.store import BASE_FILE, finetune_dir, finished_finetune, task_file
 from clmerge.training.finetune import check_recipe, effective_recipe, task_recipe, train_task
 from clmerge.training.regimes import RegimeContext, evaluated_methods, make_regime, make_tower
-from clmerge.training.precision import resolve_device
+from clmerge.training.distributed import RankStore, join, main_process
+from clmerge.training.precision import resolve_device, with_precision
 
 
 def _prepare(cfg: Config) -> torch.device:
@@ -48,10 +49,12 @@ def finetune(cfg: Config, console: Console, output_dir: Optional[Path] = None) -
     With `finetune.log=csv`, every optimizer step is appended to output_dir/training_log.csv.
     """
     check_recipe(cfg.finetune)
-    log = report.TrainingLog(output_dir / "training_log.csv" if cfg.finetune.log == "csv" and output_dir else None)
-    device = _prepare(cfg)
+    cfg = with_precision(cfg, check=True)
+    csv = cfg.finetune.log == "csv" and output_dir and main_process()
+    log = report.TrainingLog(output_dir / "training_log.csv" if csv else None)
+    shard, device = join(cfg.finetune.distributed, _prepare(cfg))
     loaded, benchmark = _model_and_benchmark(cfg, device)
-    store = finetune_dir(cfg)
+    store = RankStore(finetune_dir(cfg), shard)
     params = freeze_all_but_tower(loaded.model)
     base = snapshot(loaded.model)
     tower = make_tower(cfg, loaded.model, params, base, derived_seed(cfg.seed, "lora_init"))
@@ -80,7 +83,7 @@ def finetune(cfg: Config, console: Console, output_dir: Optional[Path] = None) -
                                    recipe, derived_seed(cfg.seed, "shuffle", task.index), device,
                                    on_step=log.step_callback(
                                        task.name, report.task_bar(progress, task.name, recipe, len(dataset))),
-                                   hooks=regime.hooks(task, dataset))
+                                   hooks=regime.hooks(task, dataset), shard=shard)
                 vector = tower.end()
                 check_finite(vector, f"the task vector of {task.name}")
                 for name, tensors in regime.finish(task, vector).items():
@@ -95,6 +98,7 @@ def merge(cfg: Config, console: Console, methods: Optional[list[str]] = None,
     """Merge the task vectors with each method (default: cfg.merge.method), resolve lambda (merge.alpha=auto:
     on validation data) and export if merge.export is set; writes merge.json to output_dir."""
     names = methods or [cfg.merge.method]
+    cfg = with_precision(cfg, check=False)
     benchmark = build_benchmark(cfg.benchmark, cfg.paths.data, cfg.seed)
     num_tasks = len(benchmark.tasks)
     if cfg.merge.export and len(names) > 1:
@@ -121,6 +125,7 @@ def merge(cfg: Config, console: Console, methods: Optional[list[str]] = None,
 
 def evaluate(cfg: Config, console: Console, output_dir: Path, timings: Optional[dict[str, float]] = None) -> dict:
     """Evaluate zero-shot, the fine-tuned models and every merged model after every step on every task."""
+    cfg = with_precision(cfg, check=False)
     device = _prepare(cfg)
     loaded, benchmark = _model_and_benchmark(cfg, device)
     num_tasks = len(benchmark.tasks)
@@ -141,4 +146,6 @@ def run(cfg: Config, console: Console, output_dir: Path) -> dict:
     """finetune, then merge with every method of cfg.eval.methods, then evaluate."""
     start = time.perf_counter()
     finetune(cfg, console, output_dir)
+    if not main_process():
+        return {}  # under torchrun, rank 0 evaluates
     return evaluate(cfg, console, output_dir, timings={"finetune": time.perf_counter() - start})

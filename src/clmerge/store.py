@@ -31,8 +31,8 @@ SCHEMA_VERSION = 1
 _log = logging.getLogger(__name__)
 Tensors = dict[str, torch.Tensor]
 
-# Fields that do not change the weights a fine-tuning run produces.
-_FINETUNE_KEY_IGNORED = {"num_workers", "device", "log"}
+# Fields that do not change the weights a fine-tuning run produces (beyond rounding, like the device).
+_FINETUNE_KEY_IGNORED = {"num_workers", "device", "log", "optimizer_impl", "distributed", "accumulate"}
 
 
 def config_hash(payload: Any) -> str:

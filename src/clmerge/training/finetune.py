@@ -13,13 +13,15 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from clmerge.config import ADAPTERS, REGIMES, FinetuneConfig
 from clmerge.errors import UserError
 from clmerge.models.heads import embed
 from clmerge.training.pam import check_pam
-from clmerge.training.precision import autocast
+from clmerge.training.distributed import GlobalBatches, Shard, check_distributed
+from clmerge.training.optim import Stepper, check_accumulate, make_optimizer
+from clmerge.training.precision import resolve_device, resolve_precision
 from clmerge.training.schedule import lr_at, peak_lr, warmup_length
 
 StepCallback = Callable[[int, float, float], None]  # (step, loss, lr)
@@ -106,45 +108,50 @@ def check_recipe(cfg: FinetuneConfig) -> None:
         raise UserError(f"finetune.lr must be positive, got {cfg.lr}")
     if cfg.warmup_ratio is not None and not 0 <= cfg.warmup_ratio <= 1:
         raise UserError(f"finetune.warmup_ratio must be in [0, 1] (or null), got {cfg.warmup_ratio}")
+    check_accumulate(cfg)
+    check_distributed(cfg.distributed)
+    resolve_precision(cfg.precision, resolve_device(cfg.device))
 
 
 def train_task(model: torch.nn.Module, params: list[torch.nn.Parameter], recipe: TaskRecipe, dataset: Dataset,
                cfg: FinetuneConfig, seed: int, device: torch.device,
-               on_step: Optional[StepCallback] = None, hooks: TaskHooks = TaskHooks()) -> TaskStats:
-    """Fine-tune `params` on `dataset` with a fresh AdamW and schedule; returns the task's statistics."""
+               on_step: Optional[StepCallback] = None, hooks: TaskHooks = TaskHooks(),
+               shard: Shard = Shard()) -> TaskStats:
+    """Fine-tune `params` on `dataset` with a fresh AdamW and schedule; returns the task's statistics.
+
+    With several processes (`shard`), this rank trains on its slice of each global batch (training/optim.py).
+    """
+    check_accumulate(cfg, shard.world)
     total = steps_per_task(cfg, len(dataset))
     warmup = warmup_length(total, cfg.warmup_steps, cfg.warmup_ratio)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps)
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator,
-                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    optimizer = make_optimizer(params, cfg, device)
+    stepper = Stepper(params, optimizer, cfg, resolve_precision(cfg.precision, device), device, shard)
+    loader = GlobalBatches(dataset, cfg.batch_size, torch.Generator().manual_seed(seed), shard,
+                           num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
     head, label_map = recipe.head.to(device), recipe.label_map.to(device)
+
+    def loss_fn(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        features = embed(model, images)
+        with torch.autocast(device.type, enabled=False):  # the x100-scaled head logits stay fp32
+            loss = F.cross_entropy(features @ head.T, targets)
+        if hooks.extra_loss is not None:
+            loss = loss + hooks.extra_loss(features, images, targets)
+        return loss
+
     model.train()
     step, loss_value, seen, start = 0, float("nan"), 0, time.perf_counter()
     while step < total:
-        for images, labels in loader:
+        for images, labels, size in loader:
             if step >= total:
                 break
             lr = lr_at(step, cfg.lr, warmup, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            targets = label_map[labels]
-            with autocast(cfg.precision, device):
-                features = embed(model, images)
-                loss = F.cross_entropy(features @ head.T, targets)
-                if hooks.extra_loss is not None:
-                    loss = loss + hooks.extra_loss(features, images, targets)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            loss_value = loss.item()
+            loss_value = stepper.step(images, label_map[labels], size, loss_fn)
             if not math.isfinite(loss_value):
                 raise UserError(f"the loss became {loss_value} at step {step + 1}; lower finetune.lr and rerun")
-            step, seen = step + 1, seen + len(labels)
+            step, seen = step + 1, seen + size
             if hooks.after_step is not None:
                 hooks.after_step(step, total, optimizer)
             if on_step is not None:
