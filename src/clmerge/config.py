@@ -55,10 +55,31 @@ class BenchmarkConfig:
 
 
 @dataclass
+class EwcConfig:
+    """EWC (SPEC.md 3.5): L = CE + lamb * 1/2 * sum_p F[p] (theta[p] - theta*[p])^2, online Fisher."""
+
+    lamb: float = 1e4  # penalty strength lambda_ewc (the reference's 1e6 was set for a buggy Fisher)
+    alpha: float = 0.5  # online decay: F <- alpha * F + (1 - alpha) * F_t after each task
+    fisher_labels: str = "argmax"  # argmax (the reference's pseudo-labels) | sampled (from softmax) | true
+    fisher_transform: str = "eval"  # eval | train: the transform of the task's images the Fisher sees
+
+
+@dataclass
+class LwfConfig:
+    """LwF (SPEC.md 3.6): L = CE + lamb * KD(old head, teacher = the model after the previous task)."""
+
+    lamb: float = 0.3
+    temperature: float = 2.0
+
+
+@dataclass
 class FinetuneConfig:
     """The per-task fine-tuning recipe (SPEC.md section 3)."""
 
-    regime: str = "sequential"  # sequential | independent
+    regime: str = "sequential"  # sequential | independent | joint
+    regularizer: str = "none"  # none | ewc | lwf: an extra loss term (sequential regime)
+    ewc: EwcConfig = field(default_factory=EwcConfig)
+    lwf: LwfConfig = field(default_factory=LwfConfig)
     lr: float = 1e-5
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -164,4 +185,6 @@ class PretrainConfig:
 
 
 SETTINGS = ("class_incremental", "domain_incremental", "multi_dataset")
-REGIMES = ("sequential", "independent")
+REGIMES = ("sequential", "independent", "joint")
+REGULARIZERS = ("none", "ewc", "lwf")
+REGULARIZED_REGIMES = ("sequential",)  # regimes whose tasks follow one another, so a regularizer applies

@@ -268,6 +268,7 @@ def _preflight(command: str, cfg: AnyConfig) -> None:
     from clmerge.benchmarks import build_benchmark
     from clmerge.evaluation.control import controls
     from clmerge.merging.alpha import check_validation_split, parse_alpha
+    from clmerge.merging.job import check_mergeable
     from clmerge.merging.methods import get_method
     from clmerge.training.finetune import check_recipe
 
@@ -276,6 +277,8 @@ def _preflight(command: str, cfg: AnyConfig) -> None:
         controls(cfg.benchmark, None, cfg.seed)
     if command in ("finetune", "run"):
         check_recipe(cfg.finetune)
+    if command == "merge":
+        check_mergeable(cfg)
     methods = {"merge": [cfg.merge.method], "eval": cfg.eval.methods, "run": cfg.eval.methods}.get(command, [])
     for method in methods:
         get_method(method)

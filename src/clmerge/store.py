@@ -33,6 +33,7 @@ Tensors = dict[str, torch.Tensor]
 
 # Fields that do not change the weights a fine-tuning run produces.
 _FINETUNE_KEY_IGNORED = {"num_workers", "device", "log"}
+_REGULARIZER_CONFIGS = ("ewc", "lwf")  # finetune sub-configs, each used only by the regularizer of its name
 
 
 def config_hash(payload: Any) -> str:
@@ -46,14 +47,19 @@ def _slug(text: str) -> str:
 
 
 def finetune_subset(cfg: Config) -> dict[str, Any]:
-    """The part of the config that decides the fine-tuned weights."""
-    finetune = {k: v for k, v in asdict(cfg.finetune).items() if k not in _FINETUNE_KEY_IGNORED}
+    """The part of the config that decides the fine-tuned weights; a regularizer and its sub-config count
+    only when one is used, so runs without one keep their keys."""
+    regularizer = cfg.finetune.regularizer
+    used = {"regularizer", regularizer} if regularizer != "none" else set()
+    dropped = _FINETUNE_KEY_IGNORED | ({"regularizer", *_REGULARIZER_CONFIGS} - used)
+    finetune = {k: v for k, v in asdict(cfg.finetune).items() if k not in dropped}
     return {"benchmark": asdict(cfg.benchmark), "model": asdict(cfg.model), "finetune": finetune, "seed": cfg.seed}
 
 
 def finetune_key(cfg: Config) -> str:
     """Readable, unique directory name of a fine-tuning run."""
-    prefix = _slug(f"{cfg.benchmark.name}-{cfg.model.name}-{cfg.finetune.regime}-s{cfg.seed}")
+    regime = cfg.finetune.regime + (f"-{cfg.finetune.regularizer}" if cfg.finetune.regularizer != "none" else "")
+    prefix = _slug(f"{cfg.benchmark.name}-{cfg.model.name}-{regime}-s{cfg.seed}")
     return f"{prefix}-{config_hash(finetune_subset(cfg))}"
 
 
@@ -222,9 +228,14 @@ def merge_dir(cfg: Config, method: str, params: dict[str, Any]) -> CheckpointDir
     return CheckpointDir(Path(cfg.paths.store) / "merge" / finetune_key(cfg) / key, header)
 
 
+def stored_vectors(cfg: Config, num_tasks: int) -> int:
+    """How many task vectors a finished run of `cfg` holds: one per task, one in all for joint training."""
+    return 1 if cfg.finetune.regime == "joint" else num_tasks
+
+
 def finished_finetune(cfg: Config, num_tasks: int) -> CheckpointDir:
     """The fine-tuning run of `cfg`, which must hold theta_0 and every task vector; otherwise NotFinetuned."""
     store = finetune_dir(cfg)
-    if not store.has(BASE_FILE) or not all(store.has(task_file(i)) for i in range(num_tasks)):
+    if not store.has(BASE_FILE) or not all(store.has(task_file(i)) for i in range(stored_vectors(cfg, num_tasks))):
         raise NotFinetuned(str(store.path))
     return store

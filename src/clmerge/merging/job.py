@@ -52,6 +52,13 @@ def merge_params(cfg: Config, method: MergeMethod) -> MergeParams:
                        ties_denominator=full_model_entries(cfg.model) if uses_reference else None)
 
 
+def check_mergeable(cfg: Config) -> None:
+    """Joint training leaves one model, not a sequence of task vectors: nothing to merge."""
+    if cfg.finetune.regime == "joint":
+        raise UserError("finetune.regime=joint leaves one model and nothing to merge; merge a sequential, "
+                        "independent, ewc or lwf run")
+
+
 def method_store(cfg: Config, name: str) -> CheckpointDir:
     """The merge directory of method `name` (it may not exist yet)."""
     method = get_method(name)
