@@ -77,9 +77,6 @@ class FinetuneConfig:
     """The per-task fine-tuning recipe (SPEC.md section 3)."""
 
     regime: str = "sequential"  # sequential | independent | joint
-    regularizer: str = "none"  # none | ewc | lwf: an extra loss term (sequential regime)
-    ewc: EwcConfig = field(default_factory=EwcConfig)
-    lwf: LwfConfig = field(default_factory=LwfConfig)
     lr: float = 1e-5
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -94,6 +91,9 @@ class FinetuneConfig:
     num_workers: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log: str = "none"  # none | csv: every optimizer step to <run dir>/training_log.csv
+    regularizer: str = "none"  # none | ewc | lwf: an extra loss term (sequential regime)
+    ewc: EwcConfig = field(default_factory=EwcConfig)
+    lwf: LwfConfig = field(default_factory=LwfConfig)
 
 
 @dataclass
