@@ -159,6 +159,14 @@ def test_ewc_stores_the_running_fisher_and_resumes_bit_identically(tmp_path: Pat
     assert {name: record["sha256"] for name, record in resumed.items()} == hashes
 
 
+@pytest.mark.parametrize("regularizer", ["ewc", "lwf"])
+def test_regularizers_run_in_the_domain_incremental_setting(tmp_path: Path, regularizer: str) -> None:
+    cfg = tiny_cfg(tmp_path, "domain_incremental", regularizer=regularizer)
+    methods = pipeline.run(cfg, QUIET, tmp_path / "out")["methods"]
+    assert set(methods) == {"zero_shot", regularizer, f"{regularizer}+magmax", f"{regularizer}+average"}
+    assert len(methods[regularizer]["correct"]) == 2
+
+
 def test_regularizer_settings_change_only_their_own_store_keys(tmp_path: Path) -> None:
     plain = tiny_cfg(tmp_path)
     other_ewc = dataclasses.replace(plain, finetune=dataclasses.replace(plain.finetune, ewc=EwcConfig(lamb=5.0)))
