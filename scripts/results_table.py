@@ -2,7 +2,7 @@
 
 Usage: python scripts/results_table.py DIR/report.json
 Rows: methods in a fixed order; columns: per benchmark, final accuracy (task-agnostic and task-aware),
-average incremental accuracy, forgetting and own-task accuracy; cells "mean ± std" in % over seeds.
+average incremental accuracy, forgetting and own-task accuracy (both protocols); cells "mean ± std" in %.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ ROWS = ["zero_shot", "seq_ft", "ind_ft", "joint", "ewc", "lwf", "magmax", "avera
         "ind_ft+average", "ewc+magmax", "ewc+average", "lwf+magmax", "lwf+average"]
 COLUMNS = [("final_accuracy", "agnostic", "final"), ("final_accuracy", "aware", "final (task-aware)"),
            ("average_incremental_accuracy", "agnostic", "AIA"), ("forgetting", "agnostic", "forgetting"),
-           ("own_task_accuracy", "agnostic", "own task")]
+           ("own_task_accuracy", "agnostic", "own task"), ("own_task_accuracy", "aware", "own task (task-aware)")]
 
 
 def cell(record: dict) -> str:
