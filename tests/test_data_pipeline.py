@@ -75,7 +75,7 @@ def test_two_step_finetune(tmp_path: Path, setting: str, datasets: list[str], fi
 
 def test_run_multi_dataset_scores_each_task_with_its_own_head(tmp_path: Path, monkeypatch) -> None:
     seen: list[tuple[str, str]] = []
-    for module in ("clmerge.pipeline", "clmerge.evaluation.evaluate"):
+    for module in ("clmerge.training.regimes", "clmerge.evaluation.evaluate"):
         original = __import__(module, fromlist=["task_split"]).task_split
 
         def spy(cfg, task, split, seed, root="data", transform=None, _original=original):

@@ -76,7 +76,7 @@ def test_pam_run_with_lora_through_the_cli(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     [results_file] = (tmp_path / "out" / "run").glob("*/results.json")
     results = json.loads(results_file.read_text())
-    assert sorted(results["methods"]) == ["average", "magmax", "pam", "pam_task", "zero_shot"]
+    assert sorted(results["methods"]) == ["pam", "pam_task", "pam_task+average", "pam_task+magmax", "zero_shot"]
     assert results["config"]["finetune"]["regime"] == "pam"
     training = results["training"]
     assert "pam" not in training[0]  # nothing to align the first task with

@@ -258,8 +258,8 @@ def report_command(
         metric: Annotated[str, typer.Option(
             "--metric", metavar="NAME",
             help="Metric of the printed table: final_accuracy, final_accuracy_weighted, "
-                 "average_incremental_accuracy, forgetting, backward_transfer, forward_transfer, "
-                 "zscl_transfer, zscl_average or future_zero_shot_change_mean.")] = "final_accuracy",
+                 "average_incremental_accuracy, own_task_accuracy, forgetting, backward_transfer, "
+                 "forward_transfer, zscl_transfer, zscl_average or future_zero_shot_change_mean.")] = "final_accuracy",
         protocol: Annotated[str, typer.Option(
             "--protocol", metavar="agnostic|aware",
             help="Task-agnostic (all-class head) or task-aware (each task's own classes).")] = "agnostic",

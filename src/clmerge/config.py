@@ -78,10 +78,28 @@ class LoraConfig:
 
 
 @dataclass
+class EwcConfig:
+    """EWC (SPEC.md 3.5): L = CE + lamb * 1/2 * sum_p F[p] (theta[p] - theta*[p])^2, online Fisher."""
+
+    lamb: float = 1e6  # lambda_ewc: the reference's value, calibrated for its buggy Fisher; sweep it
+    alpha: float = 0.5  # online decay: F <- alpha * F + (1 - alpha) * F_t after each task
+    fisher_labels: str = "argmax"  # argmax (the reference's pseudo-labels) | sampled (from softmax) | true
+    fisher_transform: str = "eval"  # eval | train: the transform of the task's images the Fisher sees
+
+
+@dataclass
+class LwfConfig:
+    """LwF (SPEC.md 3.6): L = CE + lamb * KD(old head, teacher = the model after the previous task)."""
+
+    lamb: float = 0.3
+    temperature: float = 2.0
+
+
+@dataclass
 class FinetuneConfig:
     """The per-task fine-tuning recipe (SPEC.md section 3)."""
 
-    regime: str = "sequential"  # sequential | independent | pam
+    regime: str = "sequential"  # sequential | independent | joint | pam
     adapter: str = "full"  # full: the whole visual tower is trained | lora: low-rank adapters (finetune.lora)
     lr: float = 1e-5
     weight_decay: float = 0.1
@@ -102,6 +120,9 @@ class FinetuneConfig:
     log: str = "none"  # none | csv: every optimizer step to <run dir>/training_log.csv
     pam: PamConfig = field(default_factory=PamConfig)  # used by regime=pam only
     lora: LoraConfig = field(default_factory=LoraConfig)  # used by adapter=lora only
+    regularizer: str = "none"  # none | ewc | lwf: an extra loss term (sequential regime)
+    ewc: EwcConfig = field(default_factory=EwcConfig)
+    lwf: LwfConfig = field(default_factory=LwfConfig)
 
 
 @dataclass
@@ -196,5 +217,7 @@ class PretrainConfig:
 
 
 SETTINGS = ("class_incremental", "domain_incremental", "multi_dataset")
-REGIMES = ("sequential", "independent", "pam")
+REGIMES = ("sequential", "independent", "joint", "pam")
 ADAPTERS = ("full", "lora")
+REGULARIZERS = ("none", "ewc", "lwf")
+REGULARIZED_REGIMES = ("sequential",)  # regimes whose tasks follow one another, so a regularizer applies

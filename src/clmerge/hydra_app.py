@@ -268,6 +268,7 @@ def _preflight(command: str, cfg: AnyConfig) -> None:
     from clmerge.benchmarks import build_benchmark
     from clmerge.evaluation.control import controls
     from clmerge.merging.alpha import check_validation_split, parse_alpha
+    from clmerge.merging.job import check_mergeable
     from clmerge.merging.methods import get_method
     from clmerge.models.loading import meta_model
     from clmerge.models.lora import check_lora
@@ -280,6 +281,8 @@ def _preflight(command: str, cfg: AnyConfig) -> None:
         check_recipe(cfg.finetune)
         if cfg.finetune.adapter == "lora":
             check_lora(cfg.finetune.lora, meta_model(cfg.model))
+    if command == "merge":
+        check_mergeable(cfg)
     methods = {"merge": [cfg.merge.method], "eval": cfg.eval.methods, "run": cfg.eval.methods}.get(command, [])
     for method in methods:
         get_method(method)

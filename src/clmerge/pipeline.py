@@ -17,18 +17,19 @@ from clmerge import report
 from clmerge.benchmarks import Benchmark, build_benchmark
 from clmerge.benchmarks.head import benchmark_head
 from clmerge.config import Config
-from clmerge.data.registry import derived_seed, task_split
+from clmerge.data.registry import derived_seed
 from clmerge.errors import UserError
 from clmerge.evaluation.evaluate import evaluate_all
 from clmerge.merging.engine import check_finite
-from clmerge.merging.job import Deployment, configured_alpha, export, merged_store, method_store, record_auto, resolve
+from clmerge.merging.job import (Deployment, check_mergeable, configured_alpha, export, merged_store, method_store,
+                                 record_auto, resolve)
 from clmerge.models.loading import LoadedModel, load_model
 from clmerge.models.tower import freeze_all_but_tower, snapshot
 from clmerge.store import BASE_FILE, finetune_dir, finished_finetune, task_file
-from clmerge.training.finetune import check_recipe, effective_recipe, task_recipe, train_task
-from clmerge.training.regimes import RegimeContext, evaluated_methods, make_regime, make_tower
 from clmerge.training.distributed import RankStore, join, main_process
+from clmerge.training.finetune import check_recipe, task_recipe, train_task
 from clmerge.training.precision import resolve_device, with_precision
+from clmerge.training.regimes import RegimeContext, evaluated_methods, make_regime, make_tower
 
 
 def _prepare(cfg: Config) -> torch.device:
@@ -66,18 +67,18 @@ def finetune(cfg: Config, console: Console, output_dir: Optional[Path] = None) -
         else:
             store.manifest["benchmark"] = benchmark.to_json()
             store.save(BASE_FILE, base, role="theta_0")
-        recipes = [effective_recipe(cfg.finetune, task.epochs) for task in benchmark.tasks]
         head_all = benchmark_head(loaded.model, loaded.tokenizer, benchmark, device)
         restrict = benchmark.setting != "domain_incremental"  # a task's own classes (SPEC.md 3.3)
-        regime = make_regime(RegimeContext(cfg, store, tower, benchmark, head_all, device))
+        regime = make_regime(RegimeContext(cfg, store, loaded.model, params, base, tower, benchmark, head_all,
+                                           device, loaded.train_transform, loaded.eval_transform))
         with report.training_progress(console) as progress:
-            for task in benchmark.tasks:
+            for task in regime.tasks():
                 if store.has(task_file(task.index)):
                     console.print(f"[dim]{task.name}: already fine-tuned, skipped[/dim]")
                     continue
                 tower.begin(regime.start(task))
-                dataset = task_split(cfg.benchmark, task, "train", cfg.seed, cfg.paths.data, loaded.train_transform)
-                recipe = tower.recipe(recipes[task.index])
+                dataset = regime.train_set(task)
+                recipe = regime.recipe(task, dataset)
                 stats = train_task(loaded.model, list(tower.params().values()),
                                    task_recipe(head_all, task.classes, restrict), dataset,
                                    recipe, derived_seed(cfg.seed, "shuffle", task.index), device,
@@ -97,6 +98,7 @@ def merge(cfg: Config, console: Console, methods: Optional[list[str]] = None,
           output_dir: Optional[Path] = None) -> dict[str, Path]:
     """Merge the task vectors with each method (default: cfg.merge.method), resolve lambda (merge.alpha=auto:
     on validation data) and export if merge.export is set; writes merge.json to output_dir."""
+    check_mergeable(cfg)
     names = methods or [cfg.merge.method]
     cfg = with_precision(cfg, check=False)
     benchmark = build_benchmark(cfg.benchmark, cfg.paths.data, cfg.seed)
@@ -131,7 +133,10 @@ def evaluate(cfg: Config, console: Console, output_dir: Path, timings: Optional[
     num_tasks = len(benchmark.tasks)
     source = finished_finetune(cfg, num_tasks)
     deployment = Deployment(cfg, loaded, benchmark, device)
-    merges = {name: (method_store(cfg, name), resolve(cfg, name, deployment)[0]) for name in evaluated_methods(cfg)}
+    names = evaluated_methods(cfg)
+    if cfg.finetune.regime == "joint" and cfg.eval.methods:
+        console.print("[dim]joint training leaves one model: eval.methods (merges) are not evaluated[/dim]")
+    merges = {name: (method_store(cfg, name), resolve(cfg, name, deployment)[0]) for name in names}
     start = time.perf_counter()
     evaluation = evaluate_all(cfg, benchmark, loaded, source, merges, device, console, output_dir)
     timings = {**(timings or {}), "eval": time.perf_counter() - start}

@@ -19,7 +19,7 @@ from clmerge.benchmarks import Benchmark
 from clmerge.config import Config, FinetuneConfig
 from clmerge.evaluation.evaluate import Evaluation
 from clmerge.evaluation.metrics import accuracy_matrix, summary, zero_shot_retention
-from clmerge.store import CheckpointDir, atomic_write_bytes, task_file
+from clmerge.store import CheckpointDir, atomic_write_bytes, stored_vectors, task_file
 from clmerge.training.finetune import steps_per_task
 
 RESULTS_SCHEMA_VERSION = 1
@@ -121,7 +121,7 @@ def results_document(cfg: Config, benchmark: Benchmark, source: CheckpointDir,
         "precision": cfg.finetune.precision,
         "seed": cfg.seed,
         "timings_s": timings,
-        "training": training_records(source, len(benchmark.tasks)),
+        "training": training_records(source, stored_vectors(cfg, len(benchmark.tasks))),
         "methods": {name: method_entry(raw, evaluation.zero_shot, sizes, evaluation.control_sizes)
                     for name, raw in evaluation.methods.items()},
     }

@@ -33,6 +33,7 @@ Tensors = dict[str, torch.Tensor]
 
 # Fields that do not change the weights a fine-tuning run produces (beyond rounding, like the device).
 _FINETUNE_KEY_IGNORED = {"num_workers", "device", "log", "optimizer_impl", "distributed", "accumulate"}
+_REGULARIZER_CONFIGS = ("ewc", "lwf")  # finetune sub-configs, each used only by the regularizer of its name
 
 
 def config_hash(payload: Any) -> str:
@@ -56,16 +57,20 @@ def _unused_parts(cfg: Config) -> set[str]:
 
 
 def finetune_subset(cfg: Config) -> dict[str, Any]:
-    """The part of the config that decides the fine-tuned weights."""
-    ignored = _FINETUNE_KEY_IGNORED | _unused_parts(cfg)
-    finetune = {k: v for k, v in asdict(cfg.finetune).items() if k not in ignored}
+    """The part of the config that decides the fine-tuned weights; a regularizer, PAM and LoRA and their
+    sub-configs count only when used, so runs without them keep their keys."""
+    regularizer = cfg.finetune.regularizer
+    used = {"regularizer", regularizer} if regularizer != "none" else set()
+    dropped = _FINETUNE_KEY_IGNORED | _unused_parts(cfg) | ({"regularizer", *_REGULARIZER_CONFIGS} - used)
+    finetune = {k: v for k, v in asdict(cfg.finetune).items() if k not in dropped}
     return {"benchmark": asdict(cfg.benchmark), "model": asdict(cfg.model), "finetune": finetune, "seed": cfg.seed}
 
 
 def finetune_key(cfg: Config) -> str:
     """Readable, unique directory name of a fine-tuning run."""
+    regime = cfg.finetune.regime + (f"-{cfg.finetune.regularizer}" if cfg.finetune.regularizer != "none" else "")
     adapter = "-lora" if cfg.finetune.adapter == "lora" else ""
-    prefix = _slug(f"{cfg.benchmark.name}-{cfg.model.name}-{cfg.finetune.regime}{adapter}-s{cfg.seed}")
+    prefix = _slug(f"{cfg.benchmark.name}-{cfg.model.name}-{regime}{adapter}-s{cfg.seed}")
     return f"{prefix}-{config_hash(finetune_subset(cfg))}"
 
 
@@ -244,9 +249,14 @@ def merge_dir(cfg: Config, method: str, params: dict[str, Any]) -> CheckpointDir
     return CheckpointDir(Path(cfg.paths.store) / "merge" / finetune_key(cfg) / key, header)
 
 
+def stored_vectors(cfg: Config, num_tasks: int) -> int:
+    """How many task vectors a finished run of `cfg` holds: one per task, one in all for joint training."""
+    return 1 if cfg.finetune.regime == "joint" else num_tasks
+
+
 def finished_finetune(cfg: Config, num_tasks: int) -> CheckpointDir:
     """The fine-tuning run of `cfg`, which must hold theta_0 and every task vector; otherwise NotFinetuned."""
     store = finetune_dir(cfg)
-    if not store.has(BASE_FILE) or not all(store.has(task_file(i)) for i in range(num_tasks)):
+    if not store.has(BASE_FILE) or not all(store.has(task_file(i)) for i in range(stored_vectors(cfg, num_tasks))):
         raise NotFinetuned(str(store.path))
     return store

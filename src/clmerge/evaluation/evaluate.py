@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 
 from clmerge.benchmarks import Benchmark
-from clmerge.config import BenchmarkConfig, Config
+from clmerge.config import BenchmarkConfig, Config, FinetuneConfig
 from clmerge.data.registry import task_split
 from clmerge.evaluation.accuracy import Counts, TestSet, collect_test_set, count_correct
 from clmerge.evaluation.control import controls
@@ -21,8 +21,8 @@ from clmerge.evaluation.testset import split_normalize
 from clmerge.models.loading import LoadedModel
 from clmerge.models.tower import load_tower
 from clmerge.merging.job import fold
-from clmerge.store import BASE_FILE, CheckpointDir, task_file
-from clmerge.training.regimes import FAMILY
+from clmerge.store import BASE_FILE, CheckpointDir, stored_vectors, task_file
+from clmerge.training.regimes import own_merge
 
 
 @contextmanager
@@ -39,6 +39,29 @@ def decoded_test_set(cfg: Config, bench_cfg: BenchmarkConfig, benchmark: Benchma
                                cache=cache, normalize=normalize, num_workers=cfg.eval.num_workers)
     finally:
         cache.unlink(missing_ok=True)
+
+
+def finetuned_name(finetune: FinetuneConfig) -> str:
+    """results.json's name of a run's fine-tuned models: seq_ft, ind_ft, joint, pam_task (PAM's aligned task
+    models, before merging), or the regularizer (ewc, lwf)."""
+    if finetune.regularizer != "none":
+        return finetune.regularizer
+    return {"sequential": "seq_ft", "independent": "ind_ft", "pam": "pam_task"}.get(finetune.regime, finetune.regime)
+
+
+def merged_name(finetune: FinetuneConfig, method: str) -> str:
+    """results.json's name of `method` merged over a run: `method` over seq-FT, `pam` for a PAM run's own
+    merge (its deployed model), else e.g. ewc+magmax or pam_task+magmax."""
+    source = finetuned_name(finetune)
+    if source == "seq_ft":
+        return method
+    return "pam" if method == own_merge(finetune) else f"{source}+{method}"
+
+
+def _repeated(row: dict[str, Any], times: int) -> dict[str, Any]:
+    """One model's counts (one row) as the rows of every step."""
+    return {"correct": row["correct"] * times, "correct_task_aware": row["correct_task_aware"] * times,
+            "control_correct": {k: v * times for k, v in row["control_correct"].items()}}
 
 
 @dataclass(frozen=True)
@@ -91,8 +114,8 @@ def evaluate_all(cfg: Config, benchmark: Benchmark, loaded: LoadedModel, source:
         load_tower(model, base)
         yield
 
-    def finetuned() -> Iterator[None]:
-        for t in steps:
+    def finetuned(tasks: range) -> Iterator[None]:
+        for t in tasks:
             load_tower(model, base, source.load(task_file(t)))
             yield
 
@@ -110,13 +133,15 @@ def evaluate_all(cfg: Config, benchmark: Benchmark, loaded: LoadedModel, source:
                   for c in controls(cfg.benchmark, cfg.paths.data, cfg.seed)]
         row = _rows(model, main, probes, cfg, device, zero_shot())
         if cfg.eval.baselines:
-            results["zero_shot"] = {"alpha": 0.0, "correct": row["correct"] * len(steps),
-                                    "correct_task_aware": row["correct_task_aware"] * len(steps),
-                                    "control_correct": {k: v * len(steps) for k, v in row["control_correct"].items()}}
-            results[FAMILY[cfg.finetune.regime]] = {"alpha": 1.0, **_rows(model, main, probes, cfg, device, finetuned())}
+            results["zero_shot"] = {"alpha": 0.0, **_repeated(row, len(steps))}
+            name = finetuned_name(cfg.finetune)
+            vectors = stored_vectors(cfg, len(steps))  # joint training: one model, every step's model
+            counts = _rows(model, main, probes, cfg, device, finetuned(range(vectors)))
+            results[name] = {"alpha": 1.0, **(counts if vectors == len(steps) else _repeated(counts, len(steps)))}
         for method, (_, alpha) in merges.items():
             console.print(f"evaluating {method} (lambda={alpha:g}) after each of {len(steps)} steps")
-            results[method] = {"alpha": alpha, **_rows(model, main, probes, cfg, device, merged(method, alpha))}
+            results[merged_name(cfg.finetune, method)] = {
+                "alpha": alpha, **_rows(model, main, probes, cfg, device, merged(method, alpha))}
         sizes = test.sizes()
         control_sizes = {probe.name: probe.test.sizes()[0] for probe in probes}
     zero = {key: rows[0] for key, rows in row.items() if key != "control_correct"}

@@ -39,6 +39,12 @@ def average_incremental_accuracy(correct: Sequence[Sequence[int]], sizes: Sequen
     return sum(seen) / len(seen)
 
 
+def own_task_accuracy(acc: Matrix) -> float:
+    """(1/T) sum_j A[j][j]: each task right after the step that learned it; for independent fine-tuning, the
+    per-task upper bound (each task's own model on its own task)."""
+    return sum(acc[j][j] for j in range(len(acc))) / len(acc)
+
+
 def forgetting(acc: Matrix) -> Optional[float]:
     """F = mean_{j<T} ( max_{t in j..T-1} A[t][j] - A[T][j] ); the max runs only from the step j was learned."""
     steps = len(acc)
@@ -123,6 +129,7 @@ def summary(correct: Sequence[Sequence[int]], sizes: Sequence[int],
         "final_accuracy_weighted": final_accuracy_weighted(correct, sizes),
         "seen_accuracy": seen_accuracy(correct, sizes),
         "average_incremental_accuracy": average_incremental_accuracy(correct, sizes),
+        "own_task_accuracy": own_task_accuracy(acc),
         "forgetting": forgetting(acc),
         "backward_transfer": backward_transfer(acc),
         "forward_transfer": None if zero_shot is None else forward_transfer(acc, zero_shot),

@@ -57,6 +57,11 @@ def merges_factors(cfg: Config) -> bool:
     if cfg.finetune.adapter != "lora":
         return False
     return granularity == "factors" or (granularity == "auto" and cfg.finetune.regime == "pam")
+def check_mergeable(cfg: Config) -> None:
+    """Joint training leaves one model, not a sequence of task vectors: nothing to merge."""
+    if cfg.finetune.regime == "joint":
+        raise UserError("finetune.regime=joint leaves one model and nothing to merge; merge a sequential, "
+                        "independent, ewc or lwf run")
 
 
 def method_store(cfg: Config, name: str) -> CheckpointDir:

@@ -14,16 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from clmerge.config import REGULARIZERS
 from clmerge.evaluation.metrics import summary, zero_shot_retention
 from clmerge.reporting.collect import Run
 
-METRICS = ("final_accuracy", "final_accuracy_weighted", "average_incremental_accuracy", "forgetting",
-           "backward_transfer", "forward_transfer", "zscl_transfer", "zscl_average", "future_zero_shot_change_mean",
-           "zero_shot_retention_final")
+METRICS = ("final_accuracy", "final_accuracy_weighted", "average_incremental_accuracy", "own_task_accuracy",
+           "forgetting", "backward_transfer", "forward_transfer", "zscl_transfer", "zscl_average",
+           "future_zero_shot_change_mean", "zero_shot_retention_final")
 PROTOCOLS = {"agnostic": "correct", "aware": "correct_task_aware"}  # protocol -> the counts of results.json
-# Config keys that never make a different experiment (or are the row's lambda, or the group itself).
+# Config keys that never make a different experiment (or are the row's lambda, or the group itself, or are
+# spelled out by the method's name: seq_ft, ind_ft, joint, ewc, lwf, ewc+magmax, ...).
 _NOT_A_VARIANT = ("seed", "threads", "paths.", "eval.", "merge.alpha", "merge.method", "merge.export",
-                  "merge.save_steps", "finetune.num_workers", "finetune.device", "benchmark.")
+                  "merge.save_steps", "finetune.num_workers", "finetune.device", "benchmark.", "finetune.regime",
+                  "finetune.regularizer")
 
 
 @dataclass(frozen=True)
@@ -84,9 +87,18 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, str]:
     return {prefix.rstrip("."): json.dumps(node)}
 
 
+def _used(config: dict[str, Any]) -> dict[str, Any]:
+    """The config without the sub-configs of regularizers the run does not use (finetune.ewc, finetune.lwf)."""
+    finetune = config.get("finetune")
+    if not isinstance(finetune, dict):
+        return config
+    unused = [name for name in REGULARIZERS if name != finetune.get("regularizer")]
+    return {**config, "finetune": {k: v for k, v in finetune.items() if k not in unused}}
+
+
 def _variants(runs: list[Run]) -> list[str]:
     """Per run: the config keys (other than seed and bookkeeping) whose values differ between `runs`."""
-    flat = [_flatten(run.results.get("config", {})) for run in runs]
+    flat = [_flatten(_used(run.results.get("config", {}))) for run in runs]
     keys = sorted({k for f in flat for k in f if not k.startswith(_NOT_A_VARIANT)})
     varying = [k for k in keys if len({f.get(k) for f in flat}) > 1]
     return [", ".join(f"{k}={json.loads(f[k]) if k in f else '∅'}" for k in varying) for f in flat]

@@ -19,6 +19,7 @@ TITLES = {
     "final_accuracy": "final accuracy (mean over tasks)",
     "final_accuracy_weighted": "final accuracy (sample-weighted, the reference's headline)",
     "average_incremental_accuracy": "average incremental accuracy",
+    "own_task_accuracy": "accuracy on each task right after learning it (ind_ft: per-task upper bound)",
     "forgetting": "forgetting",
     "backward_transfer": "backward transfer",
     "forward_transfer": "forward transfer (vs zero-shot)",

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from clmerge.config import ADAPTERS, REGIMES, FinetuneConfig
+from clmerge.config import ADAPTERS, REGIMES, REGULARIZED_REGIMES, REGULARIZERS, FinetuneConfig
 from clmerge.errors import UserError
 from clmerge.models.heads import embed
 from clmerge.training.pam import check_pam
@@ -27,6 +27,7 @@ from clmerge.training.schedule import lr_at, peak_lr, warmup_length
 StepCallback = Callable[[int, float, float], None]  # (step, loss, lr)
 ExtraLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (features, images, targets)
 AfterStep = Callable[[int, int, torch.optim.Optimizer], None]  # (step, total steps, optimizer)
+FISHER_LABELS = ("argmax", "sampled", "true")  # EWC's Fisher labels (training/ewc.py)
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,31 @@ def check_recipe(cfg: FinetuneConfig) -> None:
     check_accumulate(cfg)
     check_distributed(cfg.distributed)
     resolve_precision(cfg.precision, resolve_device(cfg.device))
+    _check_regularizer(cfg)
+
+
+def _check_regularizer(cfg: FinetuneConfig) -> None:
+    """Reject regularizer settings no run could use (EWC, LwF: SPEC.md 3.5-3.6)."""
+    if cfg.regularizer not in REGULARIZERS:
+        raise UserError(f"unknown finetune.regularizer '{cfg.regularizer}'; valid: {', '.join(REGULARIZERS)}")
+    if cfg.regularizer != "none" and cfg.regime not in REGULARIZED_REGIMES:
+        raise UserError(f"finetune.regularizer={cfg.regularizer} needs a sequential regime, not "
+                        f"finetune.regime={cfg.regime}")
+    if cfg.regularizer != "none" and cfg.adapter != "full":
+        raise UserError(f"finetune.regularizer={cfg.regularizer} works on the full tower only; "
+                        "use finetune.adapter=full")
+    for field_name, value in (("ewc.lamb", cfg.ewc.lamb), ("lwf.lamb", cfg.lwf.lamb)):
+        if value < 0:
+            raise UserError(f"finetune.{field_name} must be >= 0, got {value}")
+    if cfg.lwf.temperature <= 0:
+        raise UserError(f"finetune.lwf.temperature must be positive, got {cfg.lwf.temperature}")
+    if not 0 <= cfg.ewc.alpha < 1:
+        raise UserError(f"finetune.ewc.alpha must be in [0, 1), got {cfg.ewc.alpha}")
+    if cfg.ewc.fisher_labels not in FISHER_LABELS:
+        raise UserError(f"unknown finetune.ewc.fisher_labels '{cfg.ewc.fisher_labels}'; "
+                        f"valid: {', '.join(FISHER_LABELS)}")
+    if cfg.ewc.fisher_transform not in ("eval", "train"):
+        raise UserError(f"finetune.ewc.fisher_transform must be eval or train, got {cfg.ewc.fisher_transform}")
 
 
 def train_task(model: torch.nn.Module, params: list[torch.nn.Parameter], recipe: TaskRecipe, dataset: Dataset,

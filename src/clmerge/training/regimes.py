@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from clmerge.benchmarks import Benchmark, Task
 from clmerge.config import Config, FinetuneConfig
+from clmerge.data.registry import task_split
 from clmerge.merging.engine import merge_final
 from clmerge.merging.job import merge_params
 from clmerge.merging.methods import get_method
@@ -25,7 +26,9 @@ from clmerge.merging.sources import MemoryVector
 from clmerge.models.lora import Adapters, check_lora, dense_delta, init_factors
 from clmerge.models.tower import load_tower, task_vector
 from clmerge.store import CheckpointDir, global_file, lora_file, task_file
-from clmerge.training.finetune import TaskHooks
+from clmerge.training.ewc import EWC
+from clmerge.training.finetune import TaskHooks, effective_recipe, steps_per_task
+from clmerge.training.lwf import LwF
 from clmerge.training.pam import AlignmentLog, align, sign_conflicts, top_masks
 
 Tensors = dict[str, torch.Tensor]
@@ -117,23 +120,58 @@ Tower = FullTower | LoraTower
 
 @dataclass
 class RegimeContext:
-    """What every regime may use: the run's config and store, the tower being trained, the benchmark, its
-    all-class head and the device."""
+    """What every regime may use: the run's config and store, the model, its trained tower parameters
+    `params` (full fine-tuning) and theta_0 of the tower, the trained space (`tower`), the benchmark, its
+    all-class head, the device and the model's transforms (real images; the world needs none)."""
 
     cfg: Config
     store: CheckpointDir
+    model: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    base: Tensors
     tower: Tower
     benchmark: Benchmark
     head_all: torch.Tensor
     device: torch.device
+    train_transform: Optional[Callable] = None
+    eval_transform: Optional[Callable] = None
     records: dict[int, dict[str, Any]] = field(default_factory=dict)  # task index -> manifest additions
 
 
+class Regularizer(Protocol):
+    """An extra loss term of a task sequence (EWC, LwF) and the files it keeps across tasks."""
+
+    def hooks(self, task: Task) -> TaskHooks: ...
+
+    def finish(self, task: Task) -> dict[str, Tensors]: ...
+
+
+_REGULARIZERS: dict[str, Callable[[RegimeContext], Regularizer]] = {"ewc": EWC, "lwf": LwF}
+
+
 class Sequential:
-    """Sequential fine-tuning: task t starts from what task t-1 ended with, read from the store."""
+    """Sequential fine-tuning: task t starts from what task t-1 ended with, read from the store;
+    `finetune.regularizer` adds EWC's or LwF's term to every task."""
 
     def __init__(self, ctx: RegimeContext) -> None:
         self.ctx = ctx
+        # every task's recipe up front: a missing epochs value fails before any training
+        self.recipes = [effective_recipe(ctx.cfg.finetune, task.epochs) for task in ctx.benchmark.tasks]
+        name = ctx.cfg.finetune.regularizer
+        self.regularizer = _REGULARIZERS[name](ctx) if name in _REGULARIZERS else None
+
+    def tasks(self) -> tuple[Task, ...]:
+        """The tasks this regime trains, in order; each leaves the task vector task_file(task.index)."""
+        return self.ctx.benchmark.tasks
+
+    def train_set(self, task: Task) -> Dataset:
+        """The training images of `task` (the model's train transform)."""
+        ctx = self.ctx
+        return task_split(ctx.cfg.benchmark, task, "train", ctx.cfg.seed, ctx.cfg.paths.data, ctx.train_transform)
+
+    def recipe(self, task: Task, dataset: Dataset) -> FinetuneConfig:
+        """The fine-tuning recipe of `task`."""
+        return self.ctx.tower.recipe(self.recipes[task.index])
 
     def start(self, task: Task) -> Optional[Tensors]:
         """The trained-space vector task `task` starts from; None = theta_0 (or the seeded LoRA init)."""
@@ -142,12 +180,13 @@ class Sequential:
         return self.ctx.store.load(self.ctx.tower.vector_file(task.index - 1))
 
     def hooks(self, task: Task, dataset: Dataset) -> TaskHooks:
-        """Additions to the loop of `task` (none for plain fine-tuning)."""
-        return TaskHooks()
+        """Additions to the loop of `task`: the regularizer's term, if any."""
+        return self.regularizer.hooks(task) if self.regularizer else TaskHooks()
 
     def finish(self, task: Task, vector: Tensors) -> dict[str, Tensors]:
         """Files to store for a finished task, the task vector last (its presence marks the task done)."""
-        return self.ctx.tower.files(task.index, vector)
+        extra = self.regularizer.finish(task) if self.regularizer else {}
+        return {**extra, **self.ctx.tower.files(task.index, vector)}
 
     def record(self, task: Task) -> dict[str, Any]:
         """Extra fields of the task's manifest record."""
@@ -159,6 +198,27 @@ class Independent(Sequential):
 
     def start(self, task: Task) -> Optional[Tensors]:
         return None
+
+
+class Joint(Sequential):
+    """Joint training (the upper bound): one model trained from theta_0 on the union of every task's training
+    data with the all-class head, for as many optimizer steps as the sequential run takes over all tasks.
+    Its vector is the store's only one, task_file(0)."""
+
+    def tasks(self) -> tuple[Task, ...]:
+        classes = sorted({c for task in self.ctx.benchmark.tasks for c in task.classes})
+        return (Task(index=0, name="joint", classes=tuple(classes)),)
+
+    def start(self, task: Task) -> Optional[Tensors]:
+        return None
+
+    def train_set(self, task: Task) -> ConcatDataset:
+        return ConcatDataset([Sequential.train_set(self, each) for each in self.ctx.benchmark.tasks])
+
+    def recipe(self, task: Task, dataset: Dataset) -> FinetuneConfig:
+        assert isinstance(dataset, ConcatDataset)
+        steps = sum(steps_per_task(recipe, len(part)) for recipe, part in zip(self.recipes, dataset.datasets))
+        return self.ctx.tower.recipe(replace(self.ctx.cfg.finetune, steps=steps))
 
 
 class Pam(Sequential):
@@ -215,14 +275,23 @@ class Pam(Sequential):
             return merge_final([*sources, MemoryVector(vector)], method, merge_params(self.ctx.cfg, method))
 
 
-_REGIMES: dict[str, type[Sequential]] = {"sequential": Sequential, "independent": Independent, "pam": Pam}
-FAMILY = {"sequential": "seq_ft", "independent": "ind_ft", "pam": "pam_task"}  # results name of the task models
+_REGIMES: dict[str, type[Sequential]] = {"sequential": Sequential, "independent": Independent, "joint": Joint,
+                                         "pam": Pam}
+
+
+def own_merge(finetune: FinetuneConfig) -> Optional[str]:
+    """The merge a PAM run deploys (pam, or average for pam.merge=running_mean); None for other regimes."""
+    if finetune.regime != "pam":
+        return None
+    return "pam" if finetune.pam.merge == "pairwise_mean" else "average"
 
 
 def evaluated_methods(cfg: Config) -> list[str]:
-    """eval.methods, plus the merge a PAM run deploys (pam, or average for pam.merge=running_mean)."""
-    own = [] if cfg.finetune.regime != "pam" else ["pam" if cfg.finetune.pam.merge == "pairwise_mean" else "average"]
-    return list(dict.fromkeys([*own, *cfg.eval.methods]))
+    """eval.methods, plus a PAM run's own merge; none for joint training (one model, nothing to merge)."""
+    if cfg.finetune.regime == "joint":
+        return []
+    own = own_merge(cfg.finetune)
+    return list(dict.fromkeys([*([own] if own else []), *cfg.eval.methods]))
 
 
 def make_regime(ctx: RegimeContext) -> Sequential:
