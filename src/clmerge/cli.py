@@ -19,8 +19,6 @@ from typer.core import TyperGroup
 from clmerge import __version__, hydra_app
 from clmerge.errors import UserError
 
-USER_ERROR_EXIT = 2
-
 
 class _OneLineErrors(TyperGroup):
     """Usage mistakes (unknown option, bad option value) as one line on stderr instead of a box."""
@@ -108,13 +106,13 @@ def _methods_list(methods: Optional[str]) -> Optional[str]:
 
 
 def _guard(action: Callable[[], Any]) -> Any:
-    """Run `action`; a UserError becomes one line on stderr and exit status 2."""
+    """Run `action`; a UserError becomes one line on stderr and its exit status (2; 143 when preempted)."""
     try:
         return action()
     except UserError as err:
         message = " ".join(str(err).split("\n")).strip()
         typer.echo(f"error: {message}", err=True)
-        raise typer.Exit(USER_ERROR_EXIT) from None
+        raise typer.Exit(err.exit_code) from None
 
 
 def _launch(command: str, options: list[str], overrides: Optional[list[str]], multirun: bool,

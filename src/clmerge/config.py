@@ -71,6 +71,7 @@ class FinetuneConfig:
     num_workers: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log: str = "none"  # none | csv: every optimizer step to <run dir>/training_log.csv
+    checkpoint_every: int = 0  # save a step checkpoint (mid-task resume) every N optimizer steps; 0 = off
 
 
 @dataclass

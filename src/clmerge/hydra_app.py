@@ -297,7 +297,7 @@ def launch(command: str, args: list[str], multirun: bool = False) -> None:
         forward_to_hydra(_MAINS[command], hydra_args)
     except _JobFailed as failed:
         _discard_sweep_dir(failed.discard)
-        raise UserError(failed.message) from None
+        raise UserError(failed.message, failed.exit_code) from None
 
 
 def forward_to_hydra(main: Callable[[], Any], args: list[str]) -> None:
@@ -336,9 +336,9 @@ class _JobFailed(BaseException):
     """A UserError raised inside a job, carried to `launch` past Hydra, which catches (and reports) only
     Exception. Picklable, so it also crosses the process boundary of the joblib launcher."""
 
-    def __init__(self, message: str, discard: Optional[tuple[str, str]]) -> None:
-        super().__init__(message, discard)
-        self.message, self.discard = message, discard
+    def __init__(self, message: str, discard: Optional[tuple[str, str]], exit_code: int) -> None:
+        super().__init__(message, discard, exit_code)
+        self.message, self.discard, self.exit_code = message, discard, exit_code
 
 
 def run_job(command: str, dict_cfg: DictConfig) -> None:
@@ -353,7 +353,7 @@ def run_job(command: str, dict_cfg: DictConfig) -> None:
         _discard_job_dir(output_dir, runtime.output_subdir, keep)
         message = _finetune_first(err, list(runtime.overrides.task)) if isinstance(err, NotFinetuned) else str(err)
         sweep = (str(output_dir.parent), str(keep)) if runtime.mode == RunMode.MULTIRUN else None
-        raise _JobFailed(message, sweep) from None
+        raise _JobFailed(message, sweep, err.exit_code) from None
     finally:
         _free_accelerator_memory()
 

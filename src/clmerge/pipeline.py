@@ -27,6 +27,7 @@ from clmerge.models.tower import freeze_all_but_tower, load_tower, snapshot, tas
 from clmerge.store import BASE_FILE, finetune_dir, finished_finetune, task_file
 from clmerge.training.finetune import check_recipe, effective_recipe, task_recipe, train_task
 from clmerge.training.precision import resolve_device
+from clmerge.training.resume import resumable
 
 
 def _prepare(cfg: Config) -> torch.device:
@@ -44,14 +45,15 @@ def _model_and_benchmark(cfg: Config, device: torch.device) -> tuple[LoadedModel
 def finetune(cfg: Config, console: Console, output_dir: Optional[Path] = None) -> Path:
     """Fine-tune every task of the benchmark (skipping tasks already in the store); returns the run's dir.
 
-    With `finetune.log=csv`, every optimizer step is appended to output_dir/training_log.csv.
+    With `finetune.log=csv`, every optimizer step is appended to output_dir/training_log.csv. A task resumes
+    from its latest step checkpoint (finetune.checkpoint_every, or SIGTERM, which stops the run: `Preempted`).
     """
     check_recipe(cfg.finetune)
     log = report.TrainingLog(output_dir / "training_log.csv" if cfg.finetune.log == "csv" and output_dir else None)
     device = _prepare(cfg)
     loaded, benchmark = _model_and_benchmark(cfg, device)
     store = finetune_dir(cfg)
-    with store.lock():
+    with store.lock(), resumable(store) as resume:
         params = freeze_all_but_tower(loaded.model)
         base = snapshot(loaded.model)
         if store.has(BASE_FILE):
@@ -75,13 +77,16 @@ def finetune(cfg: Config, console: Console, output_dir: Optional[Path] = None) -
                 load_tower(loaded.model, base, start)
                 dataset = task_split(cfg.benchmark, task, "train", cfg.seed, cfg.paths.data, loaded.train_transform)
                 recipe = recipes[task.index]
+                checkpoints = resume.task(task.index, cfg.finetune.checkpoint_every)
                 stats = train_task(loaded.model, params, task_recipe(head_all, task.classes, restrict), dataset,
                                    recipe, derived_seed(cfg.seed, "shuffle", task.index), device,
                                    on_step=log.step_callback(
-                                       task.name, report.task_bar(progress, task.name, recipe, len(dataset))))
+                                       task.name, report.task_bar(progress, task.name, recipe, len(dataset))),
+                                   checkpoints=checkpoints)
                 tau = task_vector(loaded.model, base)
                 check_finite(tau, f"the task vector of {task.name}")
                 store.save(name, tau, task=task.name, **asdict(stats))
+                checkpoints.finished()
         store.manifest["status"] = "complete"
         store.write_manifest()
     return store.path

@@ -18,7 +18,9 @@ from torch.utils.data import DataLoader, Dataset
 from clmerge.config import FinetuneConfig
 from clmerge.errors import UserError
 from clmerge.models.heads import logits
+from clmerge.training.batches import ShuffledBatches
 from clmerge.training.precision import autocast
+from clmerge.training.resume import Resumed, TaskCheckpoints
 from clmerge.training.schedule import lr_at, peak_lr, warmup_length
 
 StepCallback = Callable[[int, float, float], None]  # (step, loss, lr)
@@ -80,6 +82,8 @@ def check_recipe(cfg: FinetuneConfig) -> None:
         raise UserError(f"finetune.steps must be at least 1 (or null to use epochs), got {cfg.steps}")
     if cfg.steps is None and cfg.epochs is not None and cfg.epochs < 1:
         raise UserError(f"finetune.epochs must be at least 1, got {cfg.epochs}")
+    if cfg.checkpoint_every < 0:
+        raise UserError(f"finetune.checkpoint_every must be 0 (off) or a number of steps, got {cfg.checkpoint_every}")
     if cfg.lr <= 0:
         raise UserError(f"finetune.lr must be positive, got {cfg.lr}")
     if cfg.warmup_ratio is not None and not 0 <= cfg.warmup_ratio <= 1:
@@ -88,18 +92,22 @@ def check_recipe(cfg: FinetuneConfig) -> None:
 
 def train_task(model: torch.nn.Module, params: list[torch.nn.Parameter], recipe: TaskRecipe, dataset: Dataset,
                cfg: FinetuneConfig, seed: int, device: torch.device,
-               on_step: Optional[StepCallback] = None) -> TaskStats:
-    """Fine-tune `params` on `dataset` with a fresh AdamW and schedule; returns the task's statistics."""
+               on_step: Optional[StepCallback] = None, checkpoints: Optional[TaskCheckpoints] = None) -> TaskStats:
+    """Fine-tune `params` on `dataset` with a fresh AdamW and schedule; returns the task's statistics.
+
+    With `checkpoints`, the task resumes from its latest step checkpoint and saves new ones as configured.
+    """
     total = steps_per_task(cfg, len(dataset))
     warmup = warmup_length(total, cfg.warmup_steps, cfg.warmup_ratio)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps)
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator,
+    resumed = checkpoints.restore(params, optimizer, total, seed) if checkpoints else Resumed()
+    batches = ShuffledBatches(len(dataset), cfg.batch_size, seed, total, start=resumed.step)
+    loader = DataLoader(dataset, batch_sampler=batches, generator=torch.Generator().manual_seed(seed),
                         num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
     head, label_map = recipe.head.to(device), recipe.label_map.to(device)
     model.train()
-    step, loss_value, seen, start = 0, float("nan"), 0, time.perf_counter()
+    step, loss_value, seen, start = resumed.step, resumed.loss, 0, time.perf_counter()
     while step < total:
         for images, labels in loader:
             if step >= total:
@@ -117,10 +125,13 @@ def train_task(model: torch.nn.Module, params: list[torch.nn.Parameter], recipe:
             optimizer.step()
             loss_value = loss.item()
             if not math.isfinite(loss_value):
-                raise UserError(f"the loss became {loss_value} at step {step + 1}; lower finetune.lr and rerun")
+                raise UserError(f"the loss became {loss_value} at step {step + 1}; nothing of this step was saved "
+                                "(finished tasks and step checkpoints are kept); lower finetune.lr and rerun")
             step, seen = step + 1, seen + len(labels)
             if on_step is not None:
                 on_step(step, loss_value, lr)
+            if checkpoints is not None:
+                checkpoints.after_step(step, total, loss_value, params, optimizer)
     seconds = time.perf_counter() - start
     return TaskStats(steps=total, warmup_steps=warmup, peak_lr=peak_lr(cfg.lr, warmup, total),
                      final_loss=loss_value, seconds=seconds, images_per_second=seen / max(seconds, 1e-9))
