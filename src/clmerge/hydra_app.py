@@ -266,10 +266,12 @@ def _preflight(command: str, cfg: AnyConfig) -> None:
     if not isinstance(cfg, Config):
         return
     from clmerge.benchmarks import build_benchmark
+    from clmerge.checks import check_config
     from clmerge.merging.alpha import check_validation_split, parse_alpha
     from clmerge.merging.methods import get_method
     from clmerge.training.finetune import check_recipe
 
+    check_config(cfg)
     build_benchmark(cfg.benchmark)
     if command in ("finetune", "run"):
         check_recipe(cfg.finetune)
