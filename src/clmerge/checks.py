@@ -11,6 +11,7 @@ import re
 
 from clmerge.config import REGIMES, Config
 from clmerge.errors import UserError
+from clmerge.merging.methods import get_method
 from clmerge.training.precision import PRECISIONS
 
 # Names that become part of store keys and output paths: letters, digits and . _ + - only.
@@ -34,6 +35,8 @@ def _check_names(cfg: Config) -> None:
     if not NAME.fullmatch(cfg.benchmark.name):
         raise UserError(f"benchmark.name {cfg.benchmark.name!r} may hold only letters, digits, '.', '_', '+' and '-' "
                         "(at most 100, starting with a letter or digit); rename it")
+    for method in {cfg.merge.method, *cfg.eval.methods}:
+        get_method(method)  # an unknown method is a mistake in any command, also where it is not used
     if not MODEL_NAME.fullmatch(cfg.model.name) or ".." in cfg.model.name:
         raise UserError(f"model.name {cfg.model.name!r} is not an open_clip model name; use one such as ViT-B-16 "
                         "(letters, digits, '.', '_', '+', '-', ':' and '/')")
