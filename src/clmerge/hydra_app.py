@@ -268,16 +268,13 @@ def _preflight(command: str, cfg: AnyConfig) -> None:
     from clmerge.benchmarks import build_benchmark
     from clmerge.checks import check_config
     from clmerge.merging.alpha import check_validation_split, parse_alpha
-    from clmerge.merging.methods import get_method
     from clmerge.training.finetune import check_recipe
 
-    check_config(cfg)
+    check_config(cfg)  # also every merge method named, in every command
     build_benchmark(cfg.benchmark)
     if command in ("finetune", "run"):
         check_recipe(cfg.finetune)
     methods = {"merge": [cfg.merge.method], "eval": cfg.eval.methods, "run": cfg.eval.methods}.get(command, [])
-    for method in methods:
-        get_method(method)
     if cfg.merge.method in methods and parse_alpha(cfg.merge.alpha) == "auto":
         check_validation_split(cfg)
 
