@@ -165,7 +165,8 @@ def test_two_writers_on_one_key_wait_for_each_other(reference: tuple[dict[str, s
     first, second = start(store, out), start(store, out)
     results = [process.communicate(timeout=900) for process in (first, second)]
     assert (first.returncode, second.returncode) == (0, 0), results
-    assert any("waiting for another clmerge process writing" in stderr for _, stderr in results)
+    logs = [log.read_text() for log in out.glob("finetune/*/finetune.log")]
+    assert len(logs) == 2 and any("waiting for another clmerge process writing" in log for log in logs)
     assert task_hashes(store) == expected
     assert verify_store(store).intact
 
