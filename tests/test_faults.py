@@ -166,7 +166,7 @@ def test_two_writers_on_one_key_wait_for_each_other(reference: tuple[dict[str, s
     results = [process.communicate(timeout=900) for process in (first, second)]
     assert (first.returncode, second.returncode) == (0, 0), results
     logs = [log.read_text() for log in out.glob("finetune/*/finetune.log")]
-    assert len(logs) == 2 and any("waiting for another clmerge process writing" in log for log in logs)
+    assert any("waiting for another clmerge process writing" in log for log in logs)  # one log if started in one second
     assert task_hashes(store) == expected
     assert verify_store(store).intact
 
