@@ -57,6 +57,14 @@ def _check_counts(cfg: Config) -> None:
     _at_least("finetune.num_workers", cfg.finetune.num_workers, 0)
     _at_least("finetune.warmup_steps", cfg.finetune.warmup_steps, 0)
     _at_least("threads", cfg.threads, 0)
+    recipe = cfg.finetune
+    _at_least("finetune.batch_size", recipe.batch_size, 1)
+    for key, value in (("finetune.steps", recipe.steps), ("finetune.epochs", recipe.epochs),
+                       ("benchmark.epochs", cfg.benchmark.epochs), *(
+                           (f"benchmark.dataset_epochs.{name}", epochs)
+                           for name, epochs in cfg.benchmark.dataset_epochs.items())):
+        if value is not None:  # null: unset (epochs are ignored when steps are set, but never negative)
+            _at_least(key, value, 1)
 
 
 def _check_recipe_values(cfg: Config) -> None:
