@@ -10,6 +10,7 @@ import math
 import re
 
 from clmerge.config import REGIMES, Config
+from clmerge.data.world import DOMAINS
 from clmerge.errors import UserError
 from clmerge.merging.methods import get_method
 from clmerge.training.precision import PRECISIONS
@@ -32,6 +33,8 @@ def check_config(cfg: Config) -> None:
 
 
 def _check_names(cfg: Config) -> None:
+    if cfg.benchmark.dataset == "world" and cfg.benchmark.world.domain not in DOMAINS:
+        raise UserError(f"unknown benchmark.world.domain {cfg.benchmark.world.domain!r}; valid: {', '.join(DOMAINS)}")
     if not NAME.fullmatch(cfg.benchmark.name):
         raise UserError(f"benchmark.name {cfg.benchmark.name!r} may hold only letters, digits, '.', '_', '+' and '-' "
                         "(at most 100, starting with a letter or digit); rename it")

@@ -112,7 +112,7 @@ def _guard(action: Callable[[], Any]) -> Any:
     try:
         return action()
     except UserError as err:
-        message = " ".join(str(err).split("\n")).strip()
+        message = " ".join(str(err).splitlines()).strip()  # any line boundary, also one in a user value
         typer.echo(f"error: {message}", err=True)
         raise typer.Exit(err.exit_code) from None
 
