@@ -12,7 +12,7 @@ from conftest import TINY, files_under, run_clmerge
 from clmerge import hydra_app, pipeline
 from clmerge.config import Config
 
-COMMANDS = ["finetune", "merge", "eval", "run", "pretrain", "config show"]
+COMMANDS = ["finetune", "merge", "eval", "run", "pretrain", "config show", "store verify"]
 
 
 def assert_one_line_error(result, *fragments: str) -> None:

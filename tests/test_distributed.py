@@ -14,6 +14,7 @@ from conftest import TINY, run_clmerge
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
+from clmerge.training.batches import ShuffledBatches
 from clmerge.training.distributed import GlobalBatches, Shard
 
 # The ranks' gradients are summed in another order than one process sums them; AdamW divides each entry by
@@ -27,7 +28,7 @@ def test_rank_slices_partition_each_global_batch_in_single_process_order(batch: 
     data = TensorDataset(torch.arange(19).float(), torch.arange(19))
     single = [labels.tolist() for _, labels in DataLoader(data, batch_size=batch, shuffle=True,
                                                           generator=torch.Generator().manual_seed(3))]
-    ranks = [list(GlobalBatches(data, batch, torch.Generator().manual_seed(3), Shard(r, world)))
+    ranks = [list(GlobalBatches(data, ShuffledBatches(19, batch, 3, total=len(single)), Shard(r, world)))
              for r in range(world)]
     for step, expected in enumerate(single):
         sizes = {size for rank in ranks for _, _, size in [rank[step]]}

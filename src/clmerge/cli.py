@@ -19,8 +19,6 @@ from typer.core import TyperGroup
 from clmerge import __version__, hydra_app
 from clmerge.errors import UserError
 
-USER_ERROR_EXIT = 2
-
 
 class _OneLineErrors(TyperGroup):
     """Usage mistakes (unknown option, bad option value) as one line on stderr instead of a box."""
@@ -63,6 +61,8 @@ config_app = typer.Typer(help="Inspect the composed configuration.", no_args_is_
 app.add_typer(config_app, name="config")
 data_app = typer.Typer(help="Prepare and check real datasets (layouts: docs/benchmarks.md).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+store_app = typer.Typer(help="Check the checkpoint store.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
 
 _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -108,13 +108,13 @@ def _methods_list(methods: Optional[str]) -> Optional[str]:
 
 
 def _guard(action: Callable[[], Any]) -> Any:
-    """Run `action`; a UserError becomes one line on stderr and exit status 2."""
+    """Run `action`; a UserError becomes one line on stderr and its exit status (2; 143 when preempted)."""
     try:
         return action()
     except UserError as err:
-        message = " ".join(str(err).split("\n")).strip()
+        message = " ".join(str(err).splitlines()).strip()  # any line boundary, also one in a user value
         typer.echo(f"error: {message}", err=True)
-        raise typer.Exit(USER_ERROR_EXIT) from None
+        raise typer.Exit(err.exit_code) from None
 
 
 def _launch(command: str, options: list[str], overrides: Optional[list[str]], multirun: bool,
@@ -356,6 +356,34 @@ def data_list() -> None:
 
     for spec in SPECS.values():
         typer.echo(f"{spec.name:<11} {spec.title:<13} {spec.directory:<17} --src: {spec.source}")
+
+
+@store_app.command("verify")
+def store_verify(store: Annotated[Path, typer.Argument(
+        metavar="STORE", help="The checkpoint store (paths.store of the runs).")] = Path("clmerge-runs/store")) -> None:
+    """Check every manifest of the store and the sha256 of every file it records.
+
+    Prints one line per damaged or missing file; exit status 0 when all is intact, 1 when something is
+    damaged, 2 when STORE is not a store. Keys another process is writing are skipped.
+
+    [bold]Examples[/bold]
+
+      clmerge store verify
+
+      clmerge store verify /scratch/clmerge-runs/store
+    """
+    from clmerge.store_verify import verify_store
+
+    verdict = _guard(lambda: verify_store(store))
+    for line in [*verdict.busy, *verdict.unrecorded]:
+        typer.echo(f"note: {line}")
+    for line in verdict.damaged:
+        typer.echo(f"damaged: {line}")
+    summary = f"{verdict.keys} keys, {verdict.files} recorded files under {store}"
+    if not verdict.intact:
+        typer.echo(f"error: {len(verdict.damaged)} problems in {summary}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"intact: {summary}")
 
 
 def _print_version(value: bool) -> None:

@@ -123,6 +123,7 @@ class FinetuneConfig:
     regularizer: str = "none"  # none | ewc | lwf: an extra loss term (sequential regime)
     ewc: EwcConfig = field(default_factory=EwcConfig)
     lwf: LwfConfig = field(default_factory=LwfConfig)
+    checkpoint_every: int = 0  # save a step checkpoint (mid-task resume) every N optimizer steps; 0 = off
 
 
 @dataclass

@@ -266,14 +266,15 @@ def _preflight(command: str, cfg: AnyConfig) -> None:
     if not isinstance(cfg, Config):
         return
     from clmerge.benchmarks import build_benchmark
+    from clmerge.checks import check_config
     from clmerge.evaluation.control import controls
     from clmerge.merging.alpha import check_validation_split, parse_alpha
     from clmerge.merging.job import check_mergeable
-    from clmerge.merging.methods import get_method
     from clmerge.models.loading import meta_model
     from clmerge.models.lora import check_lora
     from clmerge.training.finetune import check_recipe
 
+    check_config(cfg)  # also every merge method named, in every command
     build_benchmark(cfg.benchmark)
     if command in ("eval", "run"):
         controls(cfg.benchmark, None, cfg.seed)
@@ -284,8 +285,6 @@ def _preflight(command: str, cfg: AnyConfig) -> None:
     if command == "merge":
         check_mergeable(cfg)
     methods = {"merge": [cfg.merge.method], "eval": cfg.eval.methods, "run": cfg.eval.methods}.get(command, [])
-    for method in methods:
-        get_method(method)
     if cfg.merge.method in methods and parse_alpha(cfg.merge.alpha) == "auto":
         check_validation_split(cfg)
 
@@ -307,7 +306,7 @@ def launch(command: str, args: list[str], multirun: bool = False) -> None:
         forward_to_hydra(_MAINS[command], hydra_args)
     except _JobFailed as failed:
         _discard_sweep_dir(failed.discard)
-        raise UserError(failed.message) from None
+        raise UserError(failed.message, failed.exit_code) from None
 
 
 def forward_to_hydra(main: Callable[[], Any], args: list[str]) -> None:
@@ -346,9 +345,9 @@ class _JobFailed(BaseException):
     """A UserError raised inside a job, carried to `launch` past Hydra, which catches (and reports) only
     Exception. Picklable, so it also crosses the process boundary of the joblib launcher."""
 
-    def __init__(self, message: str, discard: Optional[tuple[str, str]]) -> None:
-        super().__init__(message, discard)
-        self.message, self.discard = message, discard
+    def __init__(self, message: str, discard: Optional[tuple[str, str]], exit_code: int) -> None:
+        super().__init__(message, discard, exit_code)
+        self.message, self.discard, self.exit_code = message, discard, exit_code
 
 
 def run_job(command: str, dict_cfg: DictConfig) -> None:
@@ -363,7 +362,7 @@ def run_job(command: str, dict_cfg: DictConfig) -> None:
         _discard_job_dir(output_dir, runtime.output_subdir, keep)
         message = _finetune_first(err, list(runtime.overrides.task)) if isinstance(err, NotFinetuned) else str(err)
         sweep = (str(output_dir.parent), str(keep)) if runtime.mode == RunMode.MULTIRUN else None
-        raise _JobFailed(message, sweep) from None
+        raise _JobFailed(message, sweep, err.exit_code) from None
     finally:
         _free_accelerator_memory()
 

@@ -30,6 +30,7 @@ from clmerge.training.distributed import RankStore, join, main_process
 from clmerge.training.finetune import check_recipe, task_recipe, train_task
 from clmerge.training.precision import resolve_device, with_precision
 from clmerge.training.regimes import RegimeContext, evaluated_methods, make_regime, make_tower
+from clmerge.training.resume import resumable
 
 
 def _prepare(cfg: Config) -> torch.device:
@@ -47,7 +48,8 @@ def _model_and_benchmark(cfg: Config, device: torch.device) -> tuple[LoadedModel
 def finetune(cfg: Config, console: Console, output_dir: Optional[Path] = None) -> Path:
     """Fine-tune every task of the benchmark (skipping tasks already in the store); returns the run's dir.
 
-    With `finetune.log=csv`, every optimizer step is appended to output_dir/training_log.csv.
+    With `finetune.log=csv`, every optimizer step is appended to output_dir/training_log.csv. A task resumes
+    from its latest step checkpoint (finetune.checkpoint_every, or SIGTERM, which stops the run: `Preempted`).
     """
     check_recipe(cfg.finetune)
     cfg = with_precision(cfg, check=True)
@@ -59,7 +61,7 @@ def finetune(cfg: Config, console: Console, output_dir: Optional[Path] = None) -
     params = freeze_all_but_tower(loaded.model)
     base = snapshot(loaded.model)
     tower = make_tower(cfg, loaded.model, params, base, derived_seed(cfg.seed, "lora_init"))
-    with store.lock():
+    with store.lock(), resumable(store.store) as resume:
         if store.has(BASE_FILE):
             if any(not torch.equal(base[k], v) for k, v in store.load(BASE_FILE).items()):
                 raise UserError(f"the pretrained weights differ from {store.path / BASE_FILE}; "
@@ -79,16 +81,18 @@ def finetune(cfg: Config, console: Console, output_dir: Optional[Path] = None) -
                 tower.begin(regime.start(task))
                 dataset = regime.train_set(task)
                 recipe = regime.recipe(task, dataset)
+                checkpoints = resume.task(task.index, cfg.finetune.checkpoint_every)
                 stats = train_task(loaded.model, list(tower.params().values()),
                                    task_recipe(head_all, task.classes, restrict), dataset,
                                    recipe, derived_seed(cfg.seed, "shuffle", task.index), device,
                                    on_step=log.step_callback(
                                        task.name, report.task_bar(progress, task.name, recipe, len(dataset))),
-                                   hooks=regime.hooks(task, dataset), shard=shard)
+                                   hooks=regime.hooks(task, dataset), shard=shard, checkpoints=checkpoints)
                 vector = tower.end()
                 check_finite(vector, f"the task vector of {task.name}")
                 for name, tensors in regime.finish(task, vector).items():
                     store.save(name, tensors, task=task.name, **asdict(stats), **regime.record(task))
+                checkpoints.finished()
         store.manifest["status"] = "complete"
         store.write_manifest()
     return store.path

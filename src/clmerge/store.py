@@ -4,11 +4,13 @@ Layout (DESIGN.md):
     <root>/finetune/<prefix>-<hash>/manifest.json, base.safetensors, task_000.safetensors, ...
     <root>/merge/<finetune-key>/<method>-<hash>/manifest.json, step_001.safetensors, ...
 Every file is written to a temporary name, flushed, fsynced and renamed; the manifest is written last,
-so a file only counts once the manifest names it with its sha256.
+so a file only counts once the manifest names it with its sha256. A write that fails (disk full, file-size
+limit) leaves no temporary file and records nothing. Key directories never leave the store root.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -21,19 +23,23 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from clmerge import __version__
 from clmerge.config import Config
 from clmerge.errors import NotFinetuned, UserError
+from clmerge.manifest import FILE_NAME, SCHEMA_VERSION, read_manifest, sealed_bytes
 
-SCHEMA_VERSION = 1
 _log = logging.getLogger(__name__)
 Tensors = dict[str, torch.Tensor]
 
 # Fields that do not change the weights a fine-tuning run produces (beyond rounding, like the device).
-_FINETUNE_KEY_IGNORED = {"num_workers", "device", "log", "optimizer_impl", "distributed", "accumulate"}
+_FINETUNE_KEY_IGNORED = {"num_workers", "device", "log", "optimizer_impl", "distributed", "accumulate",
+                         "checkpoint_every"}
 _REGULARIZER_CONFIGS = ("ewc", "lwf")  # finetune sub-configs, each used only by the regularizer of its name
+_TMP_PREFIX = ".tmp-"
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def config_hash(payload: Any) -> str:
@@ -96,26 +102,57 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f"{_TMP_PREFIX}{path.name}-{os.getpid()}")
+
+
+@contextmanager
+def _writing(path: Path, tmp: Path) -> Iterator[None]:
+    """Remove `tmp` if the write fails; a full disk or file-size limit becomes one UserError line."""
+    try:
+        yield
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        reason = _disk_failure(exc)
+        if reason:
+            raise UserError(f"cannot write {path}: {reason}; free disk space there (or set paths.store / "
+                            "paths.output to a larger disk) and rerun: finished work is kept") from None
+        raise
+
+
+def _disk_failure(exc: BaseException) -> str:
+    """The reason of a write that failed for lack of space, or "" for any other failure."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_ERRORS:
+        return exc.strerror or os.strerror(exc.errno)
+    if isinstance(exc, SafetensorError):  # the Rust writer reports the OS error in its message only
+        for code in _DISK_ERRORS:
+            if f"(os error {code})" in str(exc):
+                return os.strerror(code)
+    return ""
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file, fsync and rename."""
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    tmp = _tmp_path(path)
+    with _writing(path, tmp):
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
     _fsync_dir(path.parent)
 
 
 def atomic_save_tensors(path: Path, tensors: Tensors, metadata: dict[str, str] | None = None) -> str:
     """Save tensors as safetensors atomically; returns the file's sha256."""
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    tmp = _tmp_path(path)
     contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
-    save_file(contiguous, str(tmp), metadata=metadata)
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    digest = sha256_file(tmp)
-    os.replace(tmp, path)
+    with _writing(path, tmp):
+        save_file(contiguous, str(tmp), metadata=metadata)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
     _fsync_dir(path.parent)
     return digest
 
@@ -136,19 +173,12 @@ class CheckpointDir:
         file = self.path / "manifest.json"
         if not file.exists():
             return {"schema_version": SCHEMA_VERSION, "clmerge_version": __version__, **self._header, "files": {}}
-        try:
-            manifest = json.loads(file.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"corrupt manifest {file} ({exc.msg}); delete {self.path} and rerun") from None
-        if manifest.get("schema_version") != SCHEMA_VERSION:
-            raise UserError(f"{file} has schema version {manifest.get('schema_version')}, expected "
-                            f"{SCHEMA_VERSION}; delete {self.path} and rerun")
-        return manifest
+        return read_manifest(file)
 
     def write_manifest(self) -> None:
-        """Persist the manifest atomically."""
+        """Persist the manifest (sealed with its sha256) atomically."""
         self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.path / "manifest.json", json.dumps(self.manifest, indent=2).encode())
+        atomic_write_bytes(self.path / "manifest.json", sealed_bytes(self.manifest))
 
     def has(self, name: str) -> bool:
         """Whether `name` is recorded as complete and its file is present."""
@@ -156,6 +186,8 @@ class CheckpointDir:
 
     def save(self, name: str, tensors: Tensors, **info: Any) -> None:
         """Write a tensor file atomically, then record it (with `info`) in the manifest."""
+        if not FILE_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a plain .safetensors file name")
         self.path.mkdir(parents=True, exist_ok=True)
         digest = atomic_save_tensors(self.path / name, tensors)
         self.manifest["files"][name] = {"sha256": digest, **info}
@@ -188,6 +220,17 @@ class CheckpointDir:
         """The manifest record of a file."""
         return self.manifest["files"][name]
 
+    def discard(self, name: str) -> None:
+        """Forget a file: drop its record (manifest first), then the file."""
+        if self.manifest["files"].pop(name, None) is not None:
+            self.write_manifest()
+        (self.path / name).unlink(missing_ok=True)
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary files of writers that died mid-write (only called while holding the lock)."""
+        for tmp in self.path.glob(f"{_TMP_PREFIX}*"):
+            tmp.unlink(missing_ok=True)
+
     @contextmanager
     def lock(self, wait: bool = True) -> Iterator[None]:
         """Hold an exclusive lock on this key, then re-read the manifest (another writer may have added files).
@@ -205,6 +248,7 @@ class CheckpointDir:
                 _log.warning("waiting for another clmerge process writing %s", self.path)
                 fcntl.flock(handle, fcntl.LOCK_EX)
             self.manifest = self._read_manifest()
+            self._remove_stale_temporaries()
             try:
                 yield
             finally:
@@ -235,18 +279,30 @@ BASE_FILE = "base.safetensors"
 FINAL_FILE = "final.safetensors"  # the merged vector after the last task
 
 
+def key_path(root: Path | str, *parts: str) -> Path:
+    """root/parts..., refused unless every part is one plain name and the result stays below `root`."""
+    root = Path(root)
+    for part in parts:
+        if part in ("", ".", "..") or "/" in part or "\\" in part or "\0" in part:
+            raise UserError(f"store key '{part}' is not a plain directory name; rename what it was built from")
+    path = root.joinpath(*parts)
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise UserError(f"store key {'/'.join(parts)} leads outside the store {root}; rename what it was built from")
+    return path
+
+
 def finetune_dir(cfg: Config) -> CheckpointDir:
     """The fine-tuning run directory of `cfg`."""
     key = finetune_key(cfg)
     header = {"kind": "finetune", "key": key, "config": finetune_subset(cfg)}
-    return CheckpointDir(Path(cfg.paths.store) / "finetune" / key, header)
+    return CheckpointDir(key_path(cfg.paths.store, "finetune", key), header)
 
 
 def merge_dir(cfg: Config, method: str, params: dict[str, Any]) -> CheckpointDir:
     """The merge directory of `method` over the fine-tuning run of `cfg`."""
     key = merge_key(method, params)
     header = {"kind": "merge", "key": key, "finetune_key": finetune_key(cfg), "method": method, "params": params}
-    return CheckpointDir(Path(cfg.paths.store) / "merge" / finetune_key(cfg) / key, header)
+    return CheckpointDir(key_path(cfg.paths.store, "merge", finetune_key(cfg), key), header)
 
 
 def stored_vectors(cfg: Config, num_tasks: int) -> int:

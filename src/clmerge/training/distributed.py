@@ -17,7 +17,7 @@ from typing import Any, ContextManager, Iterator
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from clmerge.errors import UserError
 from clmerge.store import CheckpointDir
@@ -135,11 +135,11 @@ def all_reduce_gradients(params: list[torch.nn.Parameter], loss: torch.Tensor, s
 class _Slices(Sampler[list[int]]):
     """This rank's contiguous slice of every global batch (one index stands in for an empty slice)."""
 
-    def __init__(self, batches: BatchSampler, shard: Shard) -> None:
+    def __init__(self, batches: Sampler[list[int]], shard: Shard) -> None:
         self.batches, self.shard = batches, shard
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.batches)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.batches:
@@ -148,22 +148,18 @@ class _Slices(Sampler[list[int]]):
 
 
 class GlobalBatches:
-    """Yields (images, labels, global batch size): this rank's slice of each seeded, shuffled global batch.
+    """Yields (images, labels, global batch size): this rank's slice of each global batch `batches` draws
+    (training/batches.py: the seeded shuffled order, from any step on)."""
 
-    With one process this is exactly DataLoader(shuffle=True, generator=generator): the same order.
-    """
-
-    def __init__(self, dataset: Dataset, batch_size: int, generator: torch.Generator, shard: Shard,
-                 num_workers: int = 0, pin_memory: bool = False) -> None:
-        self.shard = shard
-        self.batches = BatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop_last=False)
-        self.loader = DataLoader(dataset, batch_sampler=_Slices(self.batches, shard), generator=generator,
-                                 num_workers=num_workers, pin_memory=pin_memory)
-        self.sizes = [batch_size] * (len(dataset) // batch_size) + ([len(dataset) % batch_size]
-                                                                    if len(dataset) % batch_size else [])
+    def __init__(self, dataset: Dataset, batches: Sampler[list[int]], shard: Shard, num_workers: int = 0,
+                 pin_memory: bool = False) -> None:
+        self.shard, self.batches = shard, batches
+        self.loader = DataLoader(dataset, batch_sampler=_Slices(batches, shard), num_workers=num_workers,
+                                 pin_memory=pin_memory)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-        for size, (images, labels) in zip(self.sizes, self.loader):
+        for batch, (images, labels) in zip(self.batches, self.loader):
+            size = len(batch)
             if self.shard.size(size) == 0:
                 images, labels = images[:0], labels[:0]
             yield images, labels, size

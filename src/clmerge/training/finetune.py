@@ -18,10 +18,12 @@ from torch.utils.data import Dataset
 from clmerge.config import ADAPTERS, REGIMES, REGULARIZED_REGIMES, REGULARIZERS, FinetuneConfig
 from clmerge.errors import UserError
 from clmerge.models.heads import embed
-from clmerge.training.pam import check_pam
+from clmerge.training.batches import ShuffledBatches
 from clmerge.training.distributed import GlobalBatches, Shard, check_distributed
 from clmerge.training.optim import Stepper, check_accumulate, make_optimizer
+from clmerge.training.pam import check_pam
 from clmerge.training.precision import resolve_device, resolve_precision
+from clmerge.training.resume import Resumed, TaskCheckpoints
 from clmerge.training.schedule import lr_at, peak_lr, warmup_length
 
 StepCallback = Callable[[int, float, float], None]  # (step, loss, lr)
@@ -105,6 +107,8 @@ def check_recipe(cfg: FinetuneConfig) -> None:
         raise UserError(f"finetune.steps must be at least 1 (or null to use epochs), got {cfg.steps}")
     if cfg.steps is None and cfg.epochs is not None and cfg.epochs < 1:
         raise UserError(f"finetune.epochs must be at least 1, got {cfg.epochs}")
+    if cfg.checkpoint_every < 0:
+        raise UserError(f"finetune.checkpoint_every must be 0 (off) or a number of steps, got {cfg.checkpoint_every}")
     if cfg.lr <= 0:
         raise UserError(f"finetune.lr must be positive, got {cfg.lr}")
     if cfg.warmup_ratio is not None and not 0 <= cfg.warmup_ratio <= 1:
@@ -142,18 +146,20 @@ def _check_regularizer(cfg: FinetuneConfig) -> None:
 def train_task(model: torch.nn.Module, params: list[torch.nn.Parameter], recipe: TaskRecipe, dataset: Dataset,
                cfg: FinetuneConfig, seed: int, device: torch.device,
                on_step: Optional[StepCallback] = None, hooks: TaskHooks = TaskHooks(),
-               shard: Shard = Shard()) -> TaskStats:
+               shard: Shard = Shard(), checkpoints: Optional[TaskCheckpoints] = None) -> TaskStats:
     """Fine-tune `params` on `dataset` with a fresh AdamW and schedule; returns the task's statistics.
 
     With several processes (`shard`), this rank trains on its slice of each global batch (training/optim.py).
+    With `checkpoints`, the task resumes from its latest step checkpoint and saves new ones as configured.
     """
     check_accumulate(cfg, shard.world)
     total = steps_per_task(cfg, len(dataset))
     warmup = warmup_length(total, cfg.warmup_steps, cfg.warmup_ratio)
     optimizer = make_optimizer(params, cfg, device)
     stepper = Stepper(params, optimizer, cfg, resolve_precision(cfg.precision, device), device, shard)
-    loader = GlobalBatches(dataset, cfg.batch_size, torch.Generator().manual_seed(seed), shard,
-                           num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    resumed = checkpoints.restore(params, optimizer, total, seed) if checkpoints else Resumed()
+    loader = GlobalBatches(dataset, ShuffledBatches(len(dataset), cfg.batch_size, seed, total, start=resumed.step),
+                           shard, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
     head, label_map = recipe.head.to(device), recipe.label_map.to(device)
 
     def loss_fn(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -165,7 +171,7 @@ def train_task(model: torch.nn.Module, params: list[torch.nn.Parameter], recipe:
         return loss
 
     model.train()
-    step, loss_value, seen, start = 0, float("nan"), 0, time.perf_counter()
+    step, loss_value, seen, start = resumed.step, resumed.loss, 0, time.perf_counter()
     while step < total:
         for images, labels, size in loader:
             if step >= total:
@@ -176,12 +182,15 @@ def train_task(model: torch.nn.Module, params: list[torch.nn.Parameter], recipe:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             loss_value = stepper.step(images, label_map[labels], size, loss_fn)
             if not math.isfinite(loss_value):
-                raise UserError(f"the loss became {loss_value} at step {step + 1}; lower finetune.lr and rerun")
+                raise UserError(f"the loss became {loss_value} at step {step + 1}; nothing of this step was saved "
+                                "(finished tasks and step checkpoints are kept); lower finetune.lr and rerun")
             step, seen = step + 1, seen + size
             if hooks.after_step is not None:
                 hooks.after_step(step, total, optimizer)
             if on_step is not None:
                 on_step(step, loss_value, lr)
+            if checkpoints is not None:
+                checkpoints.after_step(step, total, loss_value, params, optimizer)
     seconds = time.perf_counter() - start
     return TaskStats(steps=total, warmup_steps=warmup, peak_lr=peak_lr(cfg.lr, warmup, total),
                      final_loss=loss_value, seconds=seconds, images_per_second=seen / max(seconds, 1e-9))
