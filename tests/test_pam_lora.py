@@ -152,21 +152,16 @@ def test_pam_on_lora_merges_factors_and_deploys_their_product(tmp_path: Path) ->
     assert all(torch.equal(merged[k], expected[k]) for k in merged)
 
 
-@pytest.mark.parametrize("override, fragments", [
-    ("finetune.pam.p=1.5", ["finetune.pam.p", "[0, 1]"]),
-    ("finetune.pam.every=0", ["finetune.pam.every", "at least 1"]),
-    ("finetune.pam.scope=layer", ["finetune.pam.scope", "tensor or global"]),
+@pytest.mark.parametrize("args, fragments", [
+    (["finetune", "finetune=pam", "finetune.pam.p=1.5"], ["finetune.pam.p", "[0, 1]"]),
+    (["finetune", "finetune=pam", "finetune.pam.every=0"], ["finetune.pam.every", "at least 1"]),
+    (["finetune", "finetune=pam", "finetune.pam.scope=layer"], ["finetune.pam.scope", "tensor or global"]),
+    (["run", "finetune.adapter=lora", "finetune.lora.r=0"], ["finetune.lora.r=0", "1..64"]),
+    (["run", "finetune.adapter=lora", "finetune.lora.r=65"], ["finetune.lora.r=65", "1..64"]),
+    (["run", "finetune.adapter=lora", "finetune.lora.targets=[mlp.c_fc,attn.qkv]"],
+     ["'attn.qkv'", "available: attn.in_proj, attn.out_proj"]),
 ])
-def test_bad_pam_knobs_are_one_line_errors(cli, paths, tmp_path: Path, override: str, fragments: list[str]) -> None:
-    assert_one_line_error(cli("finetune", "finetune=pam", override, *paths), *fragments)
-    assert files_under(tmp_path) == []
-
-
-@pytest.mark.parametrize("override, fragments", [
-    ("finetune.lora.r=0", ["finetune.lora.r=0", "1..64"]),
-    ("finetune.lora.r=65", ["finetune.lora.r=65", "1..64"]),
-    ("finetune.lora.targets=[mlp.c_fc,attn.qkv]", ["'attn.qkv'", "available: attn.in_proj, attn.out_proj"]),
-])
-def test_bad_lora_knobs_are_one_line_errors(cli, paths, tmp_path: Path, override: str, fragments: list[str]) -> None:
-    assert_one_line_error(cli("run", "finetune.adapter=lora", override, *paths), *fragments)
+def test_bad_pam_and_lora_knobs_are_one_line_errors(cli, paths, tmp_path: Path, args: list[str],
+                                                    fragments: list[str]) -> None:
+    assert_one_line_error(cli(*args, *paths), *fragments)
     assert files_under(tmp_path) == []

@@ -8,7 +8,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from rich.console import Console
@@ -77,12 +77,13 @@ def task_sources(cfg: Config, source: CheckpointDir, num_tasks: int, stack: Exit
     return [stack.enter_context(TensorFile(source.verified_path(name(i)))) for i in range(num_tasks)]
 
 
-def as_task_vector(cfg: Config, source: CheckpointDir, merged: Tensors) -> Tensors:
-    """A merged vector as a dense tower delta: merged factors become (alpha / r) B A."""
+def densifier(cfg: Config, source: CheckpointDir) -> Callable[[Tensors], Tensors]:
+    """Turns a merged vector into a dense tower delta: merged LoRA factors become (alpha / r) B A (theta_0,
+    for the tower's keys and shapes, is read once); dense merges pass through."""
     if not merges_factors(cfg):
-        return merged
-    lora = cfg.finetune.lora
-    return dense_delta(merged, source.load(BASE_FILE), lora.alpha / lora.r)
+        return lambda merged: merged
+    lora, base = cfg.finetune.lora, source.load(BASE_FILE)
+    return lambda merged: dense_delta(merged, base, lora.alpha / lora.r)
 
 
 def fold(cfg: Config, name: str, num_tasks: int, every_step: bool = True):
@@ -90,9 +91,10 @@ def fold(cfg: Config, name: str, num_tasks: int, every_step: bool = True):
     method = get_method(name)
     params = merge_params(cfg, method)
     source = finished_finetune(cfg, num_tasks)
+    dense = densifier(cfg, source)
     with ExitStack() as stack:
         for t, merged in merge_steps(task_sources(cfg, source, num_tasks, stack), method, params, every_step):
-            yield t, as_task_vector(cfg, source, merged)
+            yield t, dense(merged)
 
 
 def merged_store(cfg: Config, name: str, num_tasks: int, console: Console) -> CheckpointDir:
@@ -106,12 +108,13 @@ def merged_store(cfg: Config, name: str, num_tasks: int, console: Console) -> Ch
         return target
     with target.lock(), ExitStack() as stack:
         sources = task_sources(cfg, source, num_tasks, stack)
+        dense = densifier(cfg, source)
         start = time.perf_counter()
         merged: Tensors = {}
         for t, merged in merge_steps(sources, method, params, every_step=bool(steps)):
             if steps:
-                target.save(step_file(t), as_task_vector(cfg, source, merged), step=t)
-        target.save(FINAL_FILE, as_task_vector(cfg, source, merged), step=num_tasks)
+                target.save(step_file(t), dense(merged), step=t)
+        target.save(FINAL_FILE, dense(merged), step=num_tasks)
         target.manifest["seconds"] = time.perf_counter() - start
         target.manifest["diagnostics"] = diagnostics(sources, merged, owners=method.name == "magmax")
         target.write_manifest()
@@ -162,7 +165,7 @@ def merge_final_of(cfg: Config, name: str, store: CheckpointDir, num_tasks: int)
     source = finished_finetune(cfg, num_tasks)
     with ExitStack() as stack:
         merged = merge_final(task_sources(cfg, source, num_tasks, stack), method, merge_params(cfg, method))
-    return as_task_vector(cfg, source, merged)
+    return densifier(cfg, source)(merged)
 
 
 def record_auto(store: CheckpointDir, curve: Optional[AlphaCurve]) -> dict[str, Any]:
