@@ -59,6 +59,22 @@ def test_final_only_equals_the_last_step() -> None:
         assert all(torch.equal(final[k], steps[-1][1][k]) for k in final)
 
 
+def test_threshold_scans_run_ahead_on_several_threads_with_the_same_bits(tmp_path: Path) -> None:
+    paths = write(tmp_path, random_vectors(4, seed=4))  # 96 K entries each: sampled thresholds, not kthvalue
+    params = MergeParams(ties_k=0.2)
+
+    def steps() -> list[Vector]:
+        return [{k: v.clone() for k, v in m.items()} for _, m in merge_steps(open_sources(paths), METHODS["ties"],
+                                                                              params)]
+
+    serial, serial_final = steps(), merge_final(open_sources(paths), METHODS["ties"], params)
+    torch.set_num_threads(3)  # three scans in a pool, ahead of the folds (restored by the fixture)
+    pooled = steps()
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(serial, pooled) for k in a)
+    pooled_final = merge_final(open_sources(paths), METHODS["ties"], params)
+    assert all(torch.equal(serial_final[k], pooled_final[k]) for k in serial_final)
+
+
 @pytest.mark.parametrize("k", [0.0, 0.05, 0.3, 0.999])
 def test_global_threshold_on_a_large_vector_is_exact(k: float) -> None:
     vector = random_vectors(1, seed=3)[0]

@@ -15,20 +15,22 @@ Reads run one tensor ahead on a second thread (merging.stream); states and outpu
 block each (merging.memory).
 
 Global TIES trimming first reads a small sample of each task vector to bracket its threshold and one more
-full pass to find it exactly (merging.select). Integer and boolean tensors are never merged: they pass
+full pass to find it exactly (merging.select). With more than one torch thread these threshold scans run
+ahead on that many threads, overlapping each other and the folds. Integer and boolean tensors are never merged: they pass
 through from the first task untouched.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
 from clmerge.errors import UserError
-from clmerge.merging.kernels import Kernel
 from clmerge.merging.memory import carve
 from clmerge.merging.methods import MergeMethod, MergeParams
 from clmerge.merging.parts import Combiner, Sparsifier, State, Step, TopK, trim, undecided
@@ -39,8 +41,6 @@ from clmerge.merging.stream import Reader
 
 Tensors = dict[str, torch.Tensor]
 SAMPLE_BLOCKS, BLOCK = 1024, 256  # global-threshold sample: about this many blocks of this many entries
-CHUNK = 1 << 16  # entries per eager call: the temporaries of unfused ops stay in the L2 cache
-FUSED_CHUNK = 1 << 18  # entries per fused call: bounds what a compiled kernel allocates, at ~330 calls per 86 M
 
 
 def check_finite(vector: Tensors, where: str) -> None:
@@ -68,16 +68,41 @@ def _global_threshold(source: Source, names: list[str], topk: TopK, reader: Read
             samples.append(reader.read(source, name, start, length).abs())
     found = bracket(torch.cat(samples), rank, total)
     for tau in reader.stream((source, name) for name in names):
-        flat = tau.reshape(-1)
-        for start in range(0, flat.numel(), CHUNK):
-            found.scan(flat[start:start + CHUNK].abs())
+        found.scan(tau, magnitudes=True)
     picked = found.pick(rank)
     if picked is None:  # unlucky sample: exact fallback over the whole vector
         whole = Bracket(None, None)
         for name in names:
-            whole.scan(reader.read(source, name).abs())
+            whole.scan(reader.read(source, name), magnitudes=True)
         picked = whole.pick(rank)
     return picked
+
+
+def _thresholds(sources: Sequence[Source], names: list[str], topk: Optional[Sparsifier]
+                ) -> Iterator[Optional[float]]:
+    """The global trim threshold of each source in task order (None for each without global trimming).
+
+    With n > 1 torch threads, n scans run ahead in a pool, each thread with its own reader; the caller's
+    folds go on meanwhile. With one thread they run in turn, when asked for."""
+    if not (isinstance(topk, TopK) and topk.scope == "global"):
+        yield from (None for _ in sources)
+        return
+    sizes = [sources[0].entries[name].numel for name in names]
+    workers = torch.get_num_threads()
+    if workers == 1:
+        reader = Reader(sizes)
+        yield from (_global_threshold(source, names, topk, reader) for source in sources)
+        return
+    local = threading.local()
+
+    def scan(source: Source) -> Optional[float]:
+        if not hasattr(local, "reader"):
+            local.reader = Reader(sizes)
+        return _global_threshold(source, names, topk, local.reader)
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="clmerge-threshold") as pool:
+        for future in [pool.submit(scan, source) for source in sources]:
+            yield future.result()
 
 
 def _parts(state: State) -> list[torch.Tensor]:
@@ -105,7 +130,7 @@ class _Folder:
             for part in state:
                 part.zero_()
         fold, flat = self.combiner.fold, tau.reshape(-1)
-        chunk = _chunk(fold, flat.numel())
+        chunk = fold.chunk(flat.numel())
         for start, piece in _slices(state, chunk):
             fold(piece, flat[start:start + chunk], threshold, *self.combiner.scalars(replace(step, start=start)))
 
@@ -115,11 +140,6 @@ class _Folder:
             return carve(shapes)
         blocks = [carve(shapes, dtype) for dtype in self.combiner.layout(num_tasks, compact)]
         return {name: [views[name] for views in blocks] for name in shapes}
-
-
-def _chunk(kernel: Kernel, size: int) -> int:
-    """Entries per call: fused calls on 256 Ki entries, eager ones on 64 Ki (temporaries in L2)."""
-    return FUSED_CHUNK if kernel.compiles(size) else CHUNK
 
 
 def _slices(state: State, chunk: int) -> Iterator[tuple[int, State]]:
@@ -134,7 +154,7 @@ def _finalize(combiner: Combiner, state: State, t: int, out: torch.Tensor) -> to
     """m_t of one tensor: the state itself, or finalize(state) written into `out`."""
     if combiner.finish is None:
         return state
-    target, chunk = out.view(-1), _chunk(combiner.finish, out.numel())
+    target, chunk = out.view(-1), combiner.finish.chunk(out.numel())
     for start, piece in _slices(state, chunk):
         combiner.finish(piece, t, target[start:start + chunk])
     return out
@@ -145,7 +165,7 @@ def _majority(combiner: Combiner, states: Iterable[State]) -> int:
     assert combiner.elect is not None
     total = 0
     for state in states:
-        chunk = _chunk(combiner.elect, _parts(state)[0].numel())
+        chunk = combiner.elect.chunk(_parts(state)[0].numel())
         total += sum(int(combiner.elect(piece)) for _, piece in _slices(state, chunk))
     return total
 
@@ -171,25 +191,23 @@ def merge_steps(sources: Sequence[Source], method: MergeMethod, params: MergePar
     passthrough = {name: first.read(name) for name, entry in first.entries.items()
                    if not entry.dtype.is_floating_point}
     reader = Reader([first.entries[name].numel for name in shapes])
-    sparsifier = method.sparsifier(params)
-    global_trim = isinstance(sparsifier, TopK) and sparsifier.scope == "global"
-    fold = _Folder(method.combiner, sparsifier)
+    fold = _Folder(method.combiner, method.sparsifier(params))
     if every_step or method.combiner.layout is None:
-        steps = _task_major(sources, shapes, fold, params.seed, reader, global_trim, every_step)
+        steps = _task_major(sources, shapes, fold, params.seed, reader, every_step)
     else:
-        steps = _tensor_major(sources, shapes, fold, params.seed, reader, global_trim)
+        steps = _tensor_major(sources, shapes, fold, params.seed, reader)
     for t, merged in steps:
         yield t, {**merged, **passthrough}
 
 
 def _task_major(sources: Sequence[Source], shapes: dict[str, tuple[int, ...]], fold: _Folder, seed: int,
-                reader: Reader, global_trim: bool, every_step: bool) -> Iterator[tuple[int, Tensors]]:
+                reader: Reader, every_step: bool) -> Iterator[tuple[int, Tensors]]:
     """m_1..m_T (m_T alone unless `every_step`): each task vector folded into the whole state in turn."""
     combiner, num_tasks, names = fold.combiner, len(sources), list(shapes)
     state = fold.allocate(shapes, num_tasks, compact=True)
     out = carve(shapes) if combiner.finish is not None else {}  # reused by every step
-    for t, source in enumerate(sources, start=1):
-        threshold = _global_threshold(source, names, fold.sparsifier, reader) if global_trim else None
+    thresholds = _thresholds(sources, names, fold.sparsifier)
+    for t, (source, threshold) in enumerate(zip(sources, thresholds), start=1):
         for name, tau in zip(names, reader.stream((source, name) for name in names)):
             fold(state[name], tau, Step(name, t, num_tasks, seed, threshold))
         if not (every_step or t == num_tasks):
@@ -202,12 +220,11 @@ def _task_major(sources: Sequence[Source], shapes: dict[str, tuple[int, ...]], f
 
 
 def _tensor_major(sources: Sequence[Source], shapes: dict[str, tuple[int, ...]], fold: _Folder, seed: int,
-                  reader: Reader, global_trim: bool) -> Iterator[tuple[int, Tensors]]:
+                  reader: Reader) -> Iterator[tuple[int, Tensors]]:
     """m_T alone for a list state (TIES): each tensor folded over the T tasks into one reused state of the
     largest tensor's size, then finalized into the merged vector."""
     combiner, num_tasks, names = fold.combiner, len(sources), list(shapes)
-    thresholds = [_global_threshold(source, names, fold.sparsifier, reader) if global_trim else None
-                  for source in sources]
+    thresholds = list(_thresholds(sources, names, fold.sparsifier))
     merged = carve(shapes)
     largest = max(math.prod(shape) for shape in shapes.values())
     scratch = fold.allocate({"": (largest,)}, num_tasks, compact=False)[""]

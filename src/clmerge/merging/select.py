@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from clmerge.merging.kernels import EAGER_CHUNK
+
 DIRECT = 1 << 16  # below this many entries, kthvalue directly
 SAMPLE = 1 << 16  # sample size of the bracket
 
@@ -26,14 +28,17 @@ class Bracket:
     below: int = 0
     candidates: list[torch.Tensor] = field(default_factory=list)
 
-    def scan(self, values: torch.Tensor) -> None:
-        """Count the entries of `values` below lo and keep those in [lo, hi]."""
+    def scan(self, values: torch.Tensor, magnitudes: bool = False) -> None:
+        """Count the entries of `values` (of |values| if `magnitudes`) below lo and keep those in [lo, hi]."""
         flat = values.reshape(-1)
-        keep = flat >= self.lo if self.lo is not None else torch.ones_like(flat, dtype=torch.bool)
-        self.below += flat.numel() - int(keep.sum())
-        if self.hi is not None:
-            keep &= flat <= self.hi
-        self.candidates.append(flat[keep])
+        for start in range(0, flat.numel(), EAGER_CHUNK):  # slices in L2: masks fused by inductor ran slower
+            piece = flat[start:start + EAGER_CHUNK]
+            piece = piece.abs() if magnitudes else piece
+            keep = piece >= self.lo if self.lo is not None else torch.ones_like(piece, dtype=torch.bool)
+            self.below += piece.numel() - int(keep.sum())
+            if self.hi is not None:
+                keep &= piece <= self.hi
+            self.candidates.append(piece[keep])
 
     def pick(self, rank: int) -> Optional[float]:
         """The rank-th smallest (1-based) of everything scanned, or None if it lies outside the bracket."""
