@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from clmerge.data.registry import derived_seed
-from clmerge.merging import kernels
+from clmerge.merging import kernels, select
 from clmerge.merging.engine import merge_steps
 from clmerge.merging.methods import METHODS, MergeParams, get_method
 from clmerge.merging.parts import magmax_update
@@ -87,3 +87,25 @@ def test_random_mix_follows_its_documented_hash_exactly(monkeypatch: pytest.Monk
                 expected[e] = float(t)
         assert merged[t - 1]["w"].reshape(-1).tolist() == expected
     assert METHODS["random_mix"].key_params(MergeParams(seed=11)) == {"seed": 11, "draws": "hash32"}
+
+
+@pytest.mark.parametrize("lo, hi", [(0.25, 0.75), (None, 0.5), (0.0, None), (None, None)])
+def test_the_fused_threshold_scan_counts_and_keeps_what_the_eager_one_does(monkeypatch: pytest.MonkeyPatch,
+                                                                          lo, hi) -> None:
+    values = torch.randint(-8, 9, (70_000,), generator=torch.Generator().manual_seed(1)).float() / 8
+    values[:100] = -0.0  # zeros of both signs sit on a bracket edge at lo = 0
+    found = {}
+    for mode in ("never", "always"):
+        monkeypatch.setenv("CLMERGE_COMPILE", mode)
+        for magnitudes in (False, True):
+            scanned = select.Bracket(lo, hi)
+            scanned.scan(values, magnitudes)
+            found[mode, magnitudes] = (scanned.below, torch.cat(scanned.candidates))
+    assert kernels._broken is None
+    for magnitudes in (False, True):
+        checked = values.abs() if magnitudes else values
+        inside = (checked >= (-torch.inf if lo is None else lo)) & (checked <= (torch.inf if hi is None else hi))
+        for mode in ("never", "always"):
+            below, kept = found[mode, magnitudes]
+            assert below == int((checked < (-torch.inf if lo is None else lo)).sum())
+            assert torch.equal(kept, checked[inside]) and kept.signbit().equal(checked[inside].signbit())

@@ -3,6 +3,10 @@
 A small sample brackets the answer in [lo, hi]; one pass counts the entries below lo and keeps those in
 [lo, hi]; the k-th smallest is then found among the few kept. If the sample was unlucky (the rank falls
 outside the bracket) the caller falls back to a full `kthvalue`: the result is always exact.
+
+The pass is one fused kernel per slice (merging.kernels) that counts and marks, then a `nonzero` over the
+int32 marks gathers the kept entries. (Inductor writes int32 marks about 10x faster than a bool mask, and
+the gather itself cannot be fused: fused marks plus gather took half the time of eager ops, 1 thread.)
 """
 
 from __future__ import annotations
@@ -13,10 +17,23 @@ from typing import Optional
 
 import torch
 
-from clmerge.merging.kernels import EAGER_CHUNK
+from clmerge.merging.kernels import Kernel
 
 DIRECT = 1 << 16  # below this many entries, kthvalue directly
 SAMPLE = 1 << 16  # sample size of the bracket
+
+
+def _split(values: torch.Tensor, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(how many entries are below lo, int32 marks of those in [lo, hi])."""
+    return (values < lo).sum(), ((values >= lo) & (values <= hi)).to(torch.int32)
+
+
+def _split_magnitudes(values: torch.Tensor, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_split` of |values|."""
+    return _split(values.abs(), lo, hi)
+
+
+SPLIT, SPLIT_MAGNITUDES = Kernel(_split), Kernel(_split_magnitudes)
 
 
 @dataclass
@@ -30,15 +47,16 @@ class Bracket:
 
     def scan(self, values: torch.Tensor, magnitudes: bool = False) -> None:
         """Count the entries of `values` (of |values| if `magnitudes`) below lo and keep those in [lo, hi]."""
-        flat = values.reshape(-1)
-        for start in range(0, flat.numel(), EAGER_CHUNK):  # slices in L2: masks fused by inductor ran slower
-            piece = flat[start:start + EAGER_CHUNK]
-            piece = piece.abs() if magnitudes else piece
-            keep = piece >= self.lo if self.lo is not None else torch.ones_like(piece, dtype=torch.bool)
-            self.below += piece.numel() - int(keep.sum())
-            if self.hi is not None:
-                keep &= piece <= self.hi
-            self.candidates.append(piece[keep])
+        flat, split = values.reshape(-1), SPLIT_MAGNITUDES if magnitudes else SPLIT
+        lo = -math.inf if self.lo is None else self.lo
+        hi = math.inf if self.hi is None else self.hi
+        chunk = split.chunk(flat.numel())
+        for start in range(0, flat.numel(), chunk):
+            piece = flat[start:start + chunk]
+            below, marks = split(piece, lo, hi)
+            self.below += int(below)
+            kept = piece[marks.nonzero().squeeze(1)]
+            self.candidates.append(kept.abs() if magnitudes else kept)
 
     def pick(self, rank: int) -> Optional[float]:
         """The rank-th smallest (1-based) of everything scanned, or None if it lies outside the bracket."""
