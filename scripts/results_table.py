@@ -2,7 +2,7 @@
 
 Usage:
   python scripts/results_table.py DIR/report.json baselines   # per benchmark, one row per method
-  python scripts/results_table.py DIR/report.json pam         # PAM's comparison: models x (benchmark, adapter)
+  python scripts/results_table.py DIR/report.json pam [METRIC] # PAM's comparison: models x (benchmark, adapter)
   python scripts/results_table.py DIR/report.json ablation    # PAM's p ablation, with PAM's diagnostics
 
 Cells are "mean ± std" in % over the seeds that finished, with their number in brackets where it matters.
@@ -69,7 +69,7 @@ def baselines(report: dict[str, Any]) -> None:
         key = (record["benchmark"], label)
         slot = (record["metric"], record["protocol"])
         if slot not in cells[key] or record["n"] > cells[key][slot]["n"]:
-            cells[key][slot], seeds[key] = record, record["seeds"]
+            cells[key][slot], seeds[key] = record, " ".join(sorted(record["seeds"].split()))
     for benchmark in benchmarks(report):
         print(f"\n### {benchmark}\n")
         print("| method | seeds | " + " | ".join(title for _, _, title in BASELINE_COLUMNS) + " |")
@@ -82,12 +82,12 @@ def baselines(report: dict[str, Any]) -> None:
             print(f"| {label} | {seeds[benchmark, label]} | " + " | ".join(values) + " |")
 
 
-def final_by(report: dict[str, Any], key: str, default: str) -> dict[tuple[str, str, str], Record]:
-    """Final task-agnostic accuracy by (benchmark, method, value of config `key` in the row's variant, or
-    `default` where the runs do not differ in it)."""
+def metric_by(report: dict[str, Any], metric: str, key: str, default: str) -> dict[tuple[str, str, str], Record]:
+    """A task-agnostic metric by (benchmark, method, value of config `key` in the row's variant, or `default`
+    where the runs do not differ in it)."""
     found = {}
     for record in report["metrics"]:
-        if (record["metric"], record["protocol"]) == ("final_accuracy", "agnostic"):
+        if (record["metric"], record["protocol"]) == (metric, "agnostic"):
             value = settings(record["variant"]).get(key, default)
             slot = (record["benchmark"], record["method"], value)
             if slot not in found or record["n"] > found[slot]["n"]:
@@ -95,9 +95,9 @@ def final_by(report: dict[str, Any], key: str, default: str) -> dict[tuple[str, 
     return found
 
 
-def pam(report: dict[str, Any]) -> None:
-    """Models x (benchmark, adapter): final accuracy, mean ± std (seeds)."""
-    found = final_by(report, "finetune.adapter", "full")
+def pam(report: dict[str, Any], metric: str = "final_accuracy") -> None:
+    """Models x (benchmark, adapter): `metric`, mean ± std (seeds)."""
+    found = metric_by(report, metric, "finetune.adapter", "full")
     columns = [(label, adapter) for label in benchmarks(report) for adapter in ("full", "lora")]
     print("| model | " + " | ".join(f"{SHORT.get(b, b)} {'full' if a == 'full' else 'LoRA'}"
                                      for b, a in columns) + " |")
@@ -133,11 +133,12 @@ def ablation(report: dict[str, Any]) -> None:
     print("| p | seeds | " + " | ".join(header) + " |")
     print("|---|---|" + "---|" * len(header))
     for p in sorted({p for _, p, _ in by}, key=float):
-        seeds = by.get((labels[0], p, "final_accuracy"), {}).get("seeds", "–")
+        seeds = " ".join(sorted(by.get((labels[0], p, "final_accuracy"), {}).get("seeds", "–").split()))
         values = [cell(by.get((b, p, metric))) for b in labels for metric, _ in metrics]
         values += [misaligned(runs.get((b, p), [])) for b in labels]
         print(f"| {float(p):g} | {seeds} | " + " | ".join(values) + " |")
 
 
 if __name__ == "__main__":
-    {"baselines": baselines, "pam": pam, "ablation": ablation}[sys.argv[2]](json.loads(Path(sys.argv[1]).read_text()))
+    table = {"baselines": baselines, "pam": pam, "ablation": ablation}[sys.argv[2]]
+    table(json.loads(Path(sys.argv[1]).read_text()), *sys.argv[3:])
