@@ -68,7 +68,7 @@ def test_threshold_scans_run_ahead_on_several_threads_with_the_same_bits(tmp_pat
                                                                               params)]
 
     serial, serial_final = steps(), merge_final(open_sources(paths), METHODS["ties"], params)
-    torch.set_num_threads(3)  # three scans in a pool, ahead of the folds (restored by the fixture)
+    torch.set_num_threads(3)  # final only: three scans in a pool (restored by the fixture)
     pooled = steps()
     assert all(torch.equal(a[k], b[k]) for a, b in zip(serial, pooled) for k in a)
     pooled_final = merge_final(open_sources(paths), METHODS["ties"], params)

@@ -15,8 +15,9 @@ Reads run one tensor ahead on a second thread (merging.stream); states and outpu
 block each (merging.memory).
 
 Global TIES trimming first reads a small sample of each task vector to bracket its threshold and one more
-full pass to find it exactly (merging.select). With more than one torch thread these threshold scans run
-ahead on that many threads, overlapping each other and the folds. Integer and boolean tensors are never merged: they pass
+full pass to find it exactly (merging.select). For the final-only merge, with more than one torch thread,
+these threshold scans run ahead on that many threads, overlapping each other (all steps: one at a time,
+as each scan holds buffers and candidates and that path's state is already 3.5 task vectors). Integer and boolean tensors are never merged: they pass
 through from the first task untouched.
 """
 
@@ -78,17 +79,17 @@ def _global_threshold(source: Source, names: list[str], topk: TopK, reader: Read
     return picked
 
 
-def _thresholds(sources: Sequence[Source], names: list[str], topk: Optional[Sparsifier]
+def _thresholds(sources: Sequence[Source], names: list[str], topk: Optional[Sparsifier], ahead: bool
                 ) -> Iterator[Optional[float]]:
     """The global trim threshold of each source in task order (None for each without global trimming).
 
-    With n > 1 torch threads, n scans run ahead in a pool, each thread with its own reader; the caller's
-    folds go on meanwhile. With one thread they run in turn, when asked for."""
+    `ahead` with n > 1 torch threads: n scans run ahead in a pool, each thread with its own reader; the
+    caller goes on meanwhile. Otherwise they run in turn, when asked for."""
     if not (isinstance(topk, TopK) and topk.scope == "global"):
         yield from (None for _ in sources)
         return
     sizes = [sources[0].entries[name].numel for name in names]
-    workers = torch.get_num_threads()
+    workers = torch.get_num_threads() if ahead else 1
     if workers == 1:
         reader = Reader(sizes)
         yield from (_global_threshold(source, names, topk, reader) for source in sources)
@@ -206,7 +207,7 @@ def _task_major(sources: Sequence[Source], shapes: dict[str, tuple[int, ...]], f
     combiner, num_tasks, names = fold.combiner, len(sources), list(shapes)
     state = fold.allocate(shapes, num_tasks, compact=True)
     out = carve(shapes) if combiner.finish is not None else {}  # reused by every step
-    thresholds = _thresholds(sources, names, fold.sparsifier)
+    thresholds = _thresholds(sources, names, fold.sparsifier, ahead=False)
     for t, (source, threshold) in enumerate(zip(sources, thresholds), start=1):
         for name, tau in zip(names, reader.stream((source, name) for name in names)):
             fold(state[name], tau, Step(name, t, num_tasks, seed, threshold))
@@ -224,7 +225,7 @@ def _tensor_major(sources: Sequence[Source], shapes: dict[str, tuple[int, ...]],
     """m_T alone for a list state (TIES): each tensor folded over the T tasks into one reused state of the
     largest tensor's size, then finalized into the merged vector."""
     combiner, num_tasks, names = fold.combiner, len(sources), list(shapes)
-    thresholds = list(_thresholds(sources, names, fold.sparsifier))
+    thresholds = list(_thresholds(sources, names, fold.sparsifier, ahead=True))
     merged = carve(shapes)
     largest = max(math.prod(shape) for shape in shapes.values())
     scratch = fold.allocate({"": (largest,)}, num_tasks, compact=False)[""]
