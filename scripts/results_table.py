@@ -53,8 +53,8 @@ def cell(record: Optional[Record], count: bool = False) -> str:
 
 def knob_label(method: str, used: dict[str, str]) -> str:
     """`method`, plus the regularizer knob that tells its rows apart (lambda), if any."""
-    knobs = [f"λ {float(value):.3g}".replace("e+0", "e") for key, value in used.items() if key.endswith(("ewc.lamb", "lwf.lamb"))
-             and method.split("+")[0] in key]
+    knobs = [f"λ {float(value):.3g}".replace("e+0", "e") for key, value in used.items()
+             if key.endswith(("ewc.lamb", "lwf.lamb")) and method.split("+")[0] in key]
     return method + (f" ({', '.join(knobs)})" if knobs else "")
 
 

@@ -16,9 +16,9 @@ block each (merging.memory).
 
 Global TIES trimming first reads a small sample of each task vector to bracket its threshold and one more
 full pass to find it exactly (merging.select). For the final-only merge, with more than one torch thread,
-these threshold scans run ahead on that many threads, overlapping each other (all steps: one at a time,
-as each scan holds buffers and candidates and that path's state is already 3.5 task vectors). Integer and boolean tensors are never merged: they pass
-through from the first task untouched.
+these threshold scans run ahead on that many threads, overlapping each other; the all-steps merge scans
+one task at a time (each scan holds buffers and candidates, and that path's state is already 3.5 task
+vectors). Integer and boolean tensors are never merged: they pass through from the first task untouched.
 """
 
 from __future__ import annotations

@@ -57,6 +57,8 @@ def merges_factors(cfg: Config) -> bool:
     if cfg.finetune.adapter != "lora":
         return False
     return granularity == "factors" or (granularity == "auto" and cfg.finetune.regime == "pam")
+
+
 def check_mergeable(cfg: Config) -> None:
     """Joint training leaves one model, not a sequence of task vectors: nothing to merge."""
     if cfg.finetune.regime == "joint":
