@@ -1,7 +1,8 @@
 """Merge-engine benchmark: ViT-B/16 visual-tower task vectors, T = 5, 10, 20, warm page cache.
 
 Before the table, each method runs once on 2 tasks (its first call compiles the fused kernels, from
-torch's on-disk cache after the first run ever). For each T it prints, in one process and side by side:
+torch's on-disk cache after the first run ever), and once untimed at each T (the final-only kernel folds
+all T tasks per call and is compiled per task count). For each T it prints, in one process and side by side:
 the time to read the T task-vector files once (the baseline: one thread, the engine's preadv into a reused
 buffer), each method's final-only and all-steps merge time with ratios to the read, the peak
 resident memory above the process's baseline (sampled every 2 ms), and a reference-style in-memory
@@ -154,7 +155,7 @@ def main() -> None:
         paths = write_task_vectors(folder, shapes, max(counts))
         params = MergeParams(ties_denominator=full_model)
         print(f"ViT-B/16 visual tower: {len(shapes)} tensors, 1 task vector = {vector_mb:.1f} MB; "
-              f"torch threads {torch.get_num_threads()} (+ the engine's read-ahead thread); "
+              f"torch threads {torch.get_num_threads()}; "
               f"memory target 3 V + 300 MB = {3 * vector_mb + 300:.0f} MB")
         for method in args.methods.split(","):  # first calls compile the fused kernels (merging.kernels)
             start = time.perf_counter()
@@ -172,6 +173,8 @@ def main() -> None:
             print(f"{count:>3} {'read files once':<22} {read_s:>8.3f} {1:>7.2f} {'':>8} {'':>11} {read_mb:>8.0f} "
                   f"{read_mb / vector_mb:>5.2f}")
             for method in args.methods.split(","):
+                for every_step in (False, True):  # untimed: compiles the kernel for this T's row count
+                    engine(subset, method, params, every_step)
                 final_s, final_mb = timed(lambda: engine(subset, method, params, False), args.repeat)
                 steps_s, steps_mb = timed(lambda: engine(subset, method, params, True), args.repeat)
                 peak = max(final_mb, steps_mb)

@@ -1,18 +1,17 @@
-"""The merge engine: one pass over the task vectors, tensor by tensor, yielding m_t after every step.
+"""The merge engine: the task vectors folded chunk by chunk along their flat index (merging.layout).
 
-Every step, per tensor, is one fused kernel (merging.kernels: TIES trim + the combiner's update in one pass
-over memory). Two loop orders give the same bits:
+Two loop orders give the same bits:
 
-- task-major (all steps; final only for one-tensor states): task t's tensors are read one at a time and
-  folded into the state, so memory is the state (1 vector; TIES 2.5) plus two tensor buffers, and all T
-  per-step merges cost one pass (O(T), not O(T^2));
-- tensor-major (TIES final only): each tensor is read from the T files in turn and folded into a state
-  of one tensor's size with fp32 counts (fast to update, stays in cache); memory is the merged vector plus
-  that state. For one-tensor states (MagMax, sums, random mix) this order measured slower here
-  (docs/performance.md), so they stay task-major.
+- chunk-major (final only): each chunk is read from the T files into rows that stay in the cache and folded
+  by one fused kernel call (up to `GROUP` tasks per call), then written once into the merged vector; memory
+  traffic is one read of every task vector plus one write of the merged one, and memory is the merged vector
+  plus the rows;
+- task-major (all steps): task t's chunks are read in turn and folded into the state (one vector; averaging
+  and TIES keep more), so all T per-step merges cost one pass over the tasks (O(T), not O(T^2)).
 
-Reads run one tensor ahead on a second thread (merging.stream); states and outputs are one huge-page
-block each (merging.memory).
+Every fold is one fused kernel per chunk (merging.kernels, parts._fold: TIES trim + the combiner's update,
+and a NaN/inf marker checked once per call). Chunks are read with one `preadv` per file wherever the
+tensors lie end to end (merging.reader); states and outputs are one flat block each.
 
 Global TIES trimming first reads a small sample of each task vector to bracket its threshold and one more
 full pass to find it exactly (merging.select). For the final-only merge, with more than one torch thread,
@@ -26,22 +25,25 @@ from __future__ import annotations
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
 from clmerge.errors import UserError
-from clmerge.merging.memory import carve
+from clmerge.merging.kernels import MIN_ENTRIES
+from clmerge.merging.layout import Layout, Piece
 from clmerge.merging.methods import MergeMethod, MergeParams
-from clmerge.merging.parts import Combiner, Sparsifier, State, Step, TopK, trim, undecided
+from clmerge.merging.parts import Combiner, Sparsifier, State, Step, TopK, no_scalars, undecided
 from clmerge.merging.reader import check_compatible, check_finite_tensor
 from clmerge.merging.select import DIRECT, Bracket, bracket
 from clmerge.merging.sources import Source
-from clmerge.merging.stream import Reader
 
 Tensors = dict[str, torch.Tensor]
 SAMPLE_BLOCKS, BLOCK = 1024, 256  # global-threshold sample: about this many blocks of this many entries
+ROWS = 1 << 21  # final only: entries of the rows read per chunk (8 MB, all tasks of a group: cache-resident)
+GROUP = 16  # final only: tasks per fold call at most (the kernel is compiled once per row count)
+TASK_CHUNK = 1 << 20  # all steps: entries per chunk (4 MB)
+SMALL_MERGE = 1 << 25  # entries x tasks below which compiling costs more than it saves: eager-sized chunks
 
 
 def check_finite(vector: Tensors, where: str) -> None:
@@ -50,97 +52,129 @@ def check_finite(vector: Tensors, where: str) -> None:
         check_finite_tensor(tensor, where, name)
 
 
-def _global_threshold(source: Source, names: list[str], topk: TopK, reader: Reader) -> Optional[float]:
-    """thr of one task vector over all its floating tensors (None: keep everything), exact."""
-    sizes = {name: source.entries[name].numel for name in names}
-    total = sum(sizes.values())
-    rank = topk.rank(total)
+def _global_threshold(source: Source, layout: Layout, topk: TopK, buffer: torch.Tensor) -> Optional[float]:
+    """thr of one task vector over all its floating tensors (None: keep everything), exact; read chunk by
+    chunk into `buffer`."""
+    rank = topk.rank(layout.total)
     if rank < 1:
         return None
-    if total <= DIRECT:
-        values = torch.cat([reader.read(source, name).abs().reshape(-1) for name in names])
-        return float(values.kthvalue(rank).values)
-    samples = []
-    for name, size in sizes.items():
-        blocks = max(1, round(SAMPLE_BLOCKS * size / total))
-        length = min(size, BLOCK)
-        for i in range(blocks):
-            start = (size - length) * i // max(blocks - 1, 1)
-            samples.append(reader.read(source, name, start, length).abs())
-    found = bracket(torch.cat(samples), rank, total)
-    for tau in reader.stream((source, name) for name in names):
-        found.scan(tau, magnitudes=True)
+
+    def values(begin: int, count: int) -> torch.Tensor:
+        view = buffer[:count]
+        source.read_span(layout.pieces(begin, count), view)
+        return view
+
+    chunks = list(layout.chunks(buffer.numel(), within_tensors=False))
+    if layout.total <= DIRECT:
+        return float(torch.cat([values(*chunk).abs() for chunk in chunks]).kthvalue(rank).values)
+    length = min(layout.total, BLOCK)
+    starts = ((layout.total - length) * i // (SAMPLE_BLOCKS - 1) for i in range(SAMPLE_BLOCKS))
+    found = bracket(torch.cat([values(start, length).abs() for start in starts]), rank, layout.total)
+    for chunk in chunks:
+        found.scan(values(*chunk), magnitudes=True)
     picked = found.pick(rank)
     if picked is None:  # unlucky sample: exact fallback over the whole vector
         whole = Bracket(None, None)
-        for name in names:
-            whole.scan(reader.read(source, name), magnitudes=True)
+        for chunk in chunks:
+            whole.scan(values(*chunk), magnitudes=True)
         picked = whole.pick(rank)
     return picked
 
 
-def _thresholds(sources: Sequence[Source], names: list[str], topk: Optional[Sparsifier], ahead: bool
+def _thresholds(sources: Sequence[Source], layout: Layout, topk: Optional[Sparsifier], ahead: bool, width: int
                 ) -> Iterator[Optional[float]]:
     """The global trim threshold of each source in task order (None for each without global trimming).
 
-    `ahead` with n > 1 torch threads: n scans run ahead in a pool, each thread with its own reader; the
-    caller goes on meanwhile. Otherwise they run in turn, when asked for."""
+    Each scan reads `width` entries at a time. `ahead` with n > 1 torch threads: n scans run ahead in a pool,
+    each thread with its own buffer; the caller goes on meanwhile. Otherwise they run in turn, when asked
+    for."""
     if not (isinstance(topk, TopK) and topk.scope == "global"):
         yield from (None for _ in sources)
         return
-    sizes = [sources[0].entries[name].numel for name in names]
     workers = torch.get_num_threads() if ahead else 1
     if workers == 1:
-        reader = Reader(sizes)
-        yield from (_global_threshold(source, names, topk, reader) for source in sources)
+        buffer = torch.empty(width)
+        yield from (_global_threshold(source, layout, topk, buffer) for source in sources)
         return
     local = threading.local()
 
     def scan(source: Source) -> Optional[float]:
-        if not hasattr(local, "reader"):
-            local.reader = Reader(sizes)
-        return _global_threshold(source, names, topk, local.reader)
+        if not hasattr(local, "buffer"):
+            local.buffer = torch.empty(width)
+        return _global_threshold(source, layout, topk, local.buffer)
 
     with ThreadPoolExecutor(workers, thread_name_prefix="clmerge-threshold") as pool:
         for future in [pool.submit(scan, source) for source in sources]:
             yield future.result()
 
 
+class _Plan:
+    """How one method folds: how chunks are cut (merging.layout) and the per-task arguments of its kernel."""
+
+    def __init__(self, combiner: Combiner, sparsifier: Optional[Sparsifier], seed: int, num_tasks: int,
+                 layout: Layout):
+        self.combiner, self.sparsifier, self.seed, self.num_tasks, self.layout = (combiner, sparsifier, seed,
+                                                                                  num_tasks, layout)
+        per_tensor = isinstance(sparsifier, TopK) and sparsifier.scope == "tensor"
+        self.whole = per_tensor or (sparsifier is not None and not isinstance(sparsifier, TopK))
+        self.within = self.whole or combiner.scalars is not no_scalars
+        self.cap = MIN_ENTRIES - 1 if layout.total * num_tasks < SMALL_MERGE else layout.total  # chunk size cap
+
+    def chunks(self, size: int) -> list[tuple[int, int, list[Piece]]]:
+        """(begin, count, pieces) of every chunk: `size` entries, whole tensors for whole-tensor sparsifiers."""
+        return [(begin, count, self.layout.pieces(begin, count))
+                for begin, count in self.layout.chunks(None if self.whole else min(size, self.cap), self.within)]
+
+    def width(self, size: int) -> int:
+        """The largest chunk `chunks(size)` cuts."""
+        return self.layout.largest if self.whole else max(1, min(size, self.cap, self.layout.total))
+
+    def state(self, entries: int, compact: bool) -> State:
+        """An uninitialised flat state: one block, or one per part of a list state."""
+        if self.combiner.layout is None:
+            return torch.empty(entries)
+        return [torch.empty(entries, dtype=dtype) for dtype in self.combiner.layout(self.num_tasks, compact)]
+
+    def arguments(self, rows: torch.Tensor, pieces: list[Piece], tasks: range,
+                  thresholds: Sequence[Optional[float]]) -> tuple[tuple, tuple]:
+        """(thresholds, scalars) per row for the fold kernel; whole-tensor rows are sparsified in place."""
+        name, start = (pieces[0].name, pieces[0].start) if self.within else ("", 0)
+        trims, scalars = [], []
+        for row, t, threshold in zip(rows, tasks, thresholds):
+            step = Step(name, t, self.num_tasks, self.seed, threshold, start)
+            if isinstance(self.sparsifier, TopK) and self.whole:
+                threshold = self.sparsifier.tensor_threshold(row)
+            elif self.whole:
+                row.copy_(self.sparsifier(row, step))
+            trims.append(threshold)
+            scalars.append(self.combiner.scalars(step))
+        return tuple(trims), tuple(scalars)
+
+
+def _slice(state: State, begin: int, count: int) -> State:
+    if isinstance(state, list):
+        return [part[begin:begin + count] for part in state]
+    return state[begin:begin + count]
+
+
+def _fold_checked(plan: _Plan, state: State, rows: torch.Tensor, first: bool, pieces: list[Piece],
+                  tasks: range, thresholds: Sequence[Optional[float]], sources: Sequence[Source],
+                  out: Optional[torch.Tensor]) -> None:
+    """Fold rows (tasks `tasks`) into a slice of the state, and with `out` (for a combiner that finalizes)
+    write m_t of the last of those tasks there in the same pass; refuse NaN/Inf, naming the first bad file
+    and key. One sum of the state's first part decides (the fold marks bad entries NaN there); only when it
+    is not finite does the exact check run over the rows (a finite overflow passes)."""
+    finishing = out if plan.combiner.finalize is not None else None
+    plan.combiner.fold(state, rows, first, *plan.arguments(rows, pieces, tasks, thresholds), finishing, tasks[-1])
+    if math.isfinite(float(_parts(state)[0].sum())):
+        return
+    for row, t in zip(rows, tasks):
+        for piece in pieces:
+            check_finite_tensor(row[piece.offset:piece.offset + piece.count], str(sources[t - 1].path), piece.name)
+
+
 def _parts(state: State) -> list[torch.Tensor]:
     return state if isinstance(state, list) else [state]
-
-
-class _Folder:
-    """Folds one tensor of one task into its (preallocated) state: sparsify, then the fused trim + update
-    kernel; at t = 1 a list state is zeroed first, a tensor state becomes a copy of tau-hat_1."""
-
-    def __init__(self, combiner: Combiner, sparsifier: Optional[Sparsifier]):
-        self.combiner, self.sparsifier = combiner, sparsifier
-
-    def __call__(self, state: State, tau: torch.Tensor, step: Step) -> None:
-        threshold = step.threshold
-        if isinstance(self.sparsifier, TopK):
-            if self.sparsifier.scope == "tensor":
-                threshold = self.sparsifier.tensor_threshold(tau)
-        elif self.sparsifier is not None:
-            tau = self.sparsifier(tau, step)
-        if step.t == 1 and not isinstance(state, list):
-            state.view(-1).copy_(trim(tau, threshold).reshape(-1))
-            return
-        if step.t == 1:
-            for part in state:
-                part.zero_()
-        fold, flat = self.combiner.fold, tau.reshape(-1)
-        chunk = fold.chunk(flat.numel())
-        for start, piece in _slices(state, chunk):
-            fold(piece, flat[start:start + chunk], threshold, *self.combiner.scalars(replace(step, start=start)))
-
-    def allocate(self, shapes: dict[str, tuple[int, ...]], num_tasks: int, compact: bool) -> dict[str, State]:
-        """Uninitialised states for tensors of these shapes, each part one block."""
-        if self.combiner.layout is None:
-            return carve(shapes)
-        blocks = [carve(shapes, dtype) for dtype in self.combiner.layout(num_tasks, compact)]
-        return {name: [views[name] for views in blocks] for name in shapes}
 
 
 def _slices(state: State, chunk: int) -> Iterator[tuple[int, State]]:
@@ -151,31 +185,11 @@ def _slices(state: State, chunk: int) -> Iterator[tuple[int, State]]:
         yield start, piece if isinstance(state, list) else piece[0]
 
 
-def _finalize(combiner: Combiner, state: State, t: int, out: torch.Tensor) -> torch.Tensor:
-    """m_t of one tensor: the state itself, or finalize(state) written into `out`."""
-    if combiner.finish is None:
-        return state
-    target, chunk = out.view(-1), combiner.finish.chunk(out.numel())
-    for start, piece in _slices(state, chunk):
-        combiner.finish(piece, t, target[start:start + chunk])
-    return out
-
-
-def _majority(combiner: Combiner, states: Iterable[State]) -> int:
-    """The TIES majority over these tensors' states: sum of the elected signs (exact integers)."""
+def _majority(combiner: Combiner, state: State) -> int:
+    """The TIES majority over a state (or a slice of one): sum of the elected signs (exact integers)."""
     assert combiner.elect is not None
-    total = 0
-    for state in states:
-        chunk = combiner.elect.chunk(_parts(state)[0].numel())
-        total += sum(int(combiner.elect(piece)) for _, piece in _slices(state, chunk))
-    return total
-
-
-def _elect(merged: Tensors, majority: int, pending: Iterable[tuple[str, tuple[torch.Tensor, torch.Tensor]]]) -> None:
-    """Where the elected sign was 0, the negative candidate (parts.undecided), unless the majority is positive."""
-    if majority <= 0:
-        for name, (index, values) in pending:
-            merged[name].view(-1)[index] = values
+    chunk = combiner.elect.chunk(_parts(state)[0].numel())
+    return sum(int(combiner.elect(piece)) for _, piece in _slices(state, chunk))
 
 
 def merge_steps(sources: Sequence[Source], method: MergeMethod, params: MergeParams = MergeParams(),
@@ -188,58 +202,68 @@ def merge_steps(sources: Sequence[Source], method: MergeMethod, params: MergePar
         raise UserError("there are no task vectors to merge; run `clmerge finetune` first")
     check_compatible(list(sources))
     first = sources[0]
-    shapes = {name: entry.shape for name, entry in first.entries.items() if entry.dtype.is_floating_point}
+    layout = Layout({name: entry.shape for name, entry in first.entries.items() if entry.dtype.is_floating_point})
     passthrough = {name: first.read(name) for name, entry in first.entries.items()
                    if not entry.dtype.is_floating_point}
-    reader = Reader([first.entries[name].numel for name in shapes])
-    fold = _Folder(method.combiner, method.sparsifier(params))
-    if every_step or method.combiner.layout is None:
-        steps = _task_major(sources, shapes, fold, params.seed, reader, every_step)
-    else:
-        steps = _tensor_major(sources, shapes, fold, params.seed, reader)
+    plan = _Plan(method.combiner, method.sparsifier(params), params.seed, len(sources), layout)
+    steps = _task_major(sources, plan, every_step) if every_step else _chunk_major(sources, plan)
     for t, merged in steps:
-        yield t, {**merged, **passthrough}
+        yield t, {**layout.views(merged), **passthrough}
 
 
-def _task_major(sources: Sequence[Source], shapes: dict[str, tuple[int, ...]], fold: _Folder, seed: int,
-                reader: Reader, every_step: bool) -> Iterator[tuple[int, Tensors]]:
-    """m_1..m_T (m_T alone unless `every_step`): each task vector folded into the whole state in turn."""
-    combiner, num_tasks, names = fold.combiner, len(sources), list(shapes)
-    state = fold.allocate(shapes, num_tasks, compact=True)
-    out = carve(shapes) if combiner.finish is not None else {}  # reused by every step
-    thresholds = _thresholds(sources, names, fold.sparsifier, ahead=False)
-    for t, (source, threshold) in enumerate(zip(sources, thresholds), start=1):
-        for name, tau in zip(names, reader.stream((source, name) for name in names)):
-            fold(state[name], tau, Step(name, t, num_tasks, seed, threshold))
-        if not (every_step or t == num_tasks):
+def _task_major(sources: Sequence[Source], plan: _Plan, every_step: bool) -> Iterator[tuple[int, torch.Tensor]]:
+    """m_1..m_T (m_T alone unless `every_step`), flat: each task vector folded into the whole state in turn."""
+    combiner, num_tasks, layout = plan.combiner, plan.num_tasks, plan.layout
+    thresholds = list(_thresholds(sources, layout, plan.sparsifier, True, plan.width(TASK_CHUNK)))  # no state yet
+    state = plan.state(layout.total, compact=True)
+    out = torch.empty(layout.total) if combiner.finalize is not None else state  # reused by every step
+    chunks = plan.chunks(TASK_CHUNK)
+    buffer = torch.empty(1, plan.width(TASK_CHUNK))
+    for t, threshold in enumerate(thresholds, start=1):
+        finishing = every_step or t == num_tasks
+        for begin, count, pieces in chunks:
+            rows = buffer[:, :count]
+            sources[t - 1].read_span(pieces, rows[0])
+            _fold_checked(plan, _slice(state, begin, count), rows, t == 1, pieces, range(t, t + 1), [threshold],
+                          sources, out[begin:begin + count] if finishing else None)
+        if not finishing:
             continue
-        merged = {name: _finalize(combiner, value, t, out.get(name)) for name, value in state.items()}
-        if combiner.elect is not None:
-            _elect(merged, _majority(combiner, state.values()),
-                   ((name, undecided(value)) for name, value in state.items()))
-        yield t, merged
+        if combiner.elect is not None and sum(_majority(combiner, _slice(state, b, c)) for b, c, _ in chunks) <= 0:
+            for begin, count, _ in chunks:  # chunk by chunk: the temporaries stay chunk-sized
+                index, values = undecided(_slice(state, begin, count))
+                out[index + begin] = values
+        yield t, out
 
 
-def _tensor_major(sources: Sequence[Source], shapes: dict[str, tuple[int, ...]], fold: _Folder, seed: int,
-                  reader: Reader) -> Iterator[tuple[int, Tensors]]:
-    """m_T alone for a list state (TIES): each tensor folded over the T tasks into one reused state of the
-    largest tensor's size, then finalized into the merged vector."""
-    combiner, num_tasks, names = fold.combiner, len(sources), list(shapes)
-    thresholds = list(_thresholds(sources, names, fold.sparsifier, ahead=True))
-    merged = carve(shapes)
-    largest = max(math.prod(shape) for shape in shapes.values())
-    scratch = fold.allocate({"": (largest,)}, num_tasks, compact=False)[""]
-    majority, pending = 0, {}
-    taus = reader.stream((source, name) for name in names for source in sources)
-    for name in names:
-        state = [part[:merged[name].numel()] for part in scratch]
-        for t, threshold in enumerate(thresholds, start=1):
-            fold(state, next(taus), Step(name, t, num_tasks, seed, threshold))
-        _finalize(combiner, state, num_tasks, merged[name])
+def _chunk_major(sources: Sequence[Source], plan: _Plan) -> Iterator[tuple[int, torch.Tensor]]:
+    """m_T alone: each chunk read from the T files into cache-resident rows, folded (`GROUP` tasks per kernel
+    call) into a chunk-sized state, then finalized into the merged vector."""
+    combiner, num_tasks, layout = plan.combiner, plan.num_tasks, plan.layout
+    thresholds = list(_thresholds(sources, layout, plan.sparsifier, True, plan.width(TASK_CHUNK)))
+    group = math.ceil(num_tasks / math.ceil(num_tasks / GROUP))
+    size = max(ROWS // group, 1)
+    size -= size % 1024 if size > 1024 else 0  # chunk starts on cache-line and vector boundaries
+    merged = torch.empty(layout.total)
+    rows = torch.empty(group, plan.width(size))
+    in_place = combiner.layout is None and combiner.finalize is None
+    scratch = None if in_place else plan.state(rows.shape[1], compact=False)
+    majority, pending = 0, []
+    for begin, count, pieces in plan.chunks(size):
+        state = merged[begin:begin + count] if in_place else _slice(scratch, 0, count)
+        for low in range(0, num_tasks, group):
+            tasks = range(low + 1, min(low + group, num_tasks) + 1)
+            taken = rows[:len(tasks), :count]
+            for row, t in zip(taken, tasks):
+                sources[t - 1].read_span(pieces, row)
+            _fold_checked(plan, state, taken, low == 0, pieces, tasks, thresholds[low:low + group], sources,
+                          merged[begin:begin + count] if tasks[-1] == num_tasks else None)
         if combiner.elect is not None:
-            majority += _majority(combiner, [state])
-            pending[name] = undecided(state)
-    _elect(merged, majority, pending.items())
+            majority += _majority(combiner, state)
+            index, values = undecided(state)
+            pending.append((index + begin, values))
+    if majority <= 0:
+        for index, values in pending:
+            merged[index] = values
     yield num_tasks, merged
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 MIN_ENTRIES = 1 << 17  # ViT-B/16: every weight matrix; not the small tensors of the tests
 EAGER_CHUNK = 1 << 16  # entries per eager call: the temporaries of unfused ops stay in the L2 cache
 FUSED_CHUNK = 1 << 18  # entries per fused call: bounds what a compiled kernel allocates, at ~330 calls per 86 M
+RECOMPILE_LIMIT = 256  # compiled variants of all kernels together
 MODES = ("auto", "always", "never")
 _broken: Optional[str] = None  # why compiling failed, once it has
 
@@ -56,7 +58,12 @@ class Kernel:
         if not self.compiles(_size(args[0])):
             return self.fn(*args)
         if self._compiled is None:
-            self._compiled = torch.compile(self.fn, dynamic=True)
+            # Kernels are partials, so dynamo files every variant (per combiner, row count, first call or not)
+            # under one code object whose default limit of 8 would send the rest to slow eager frames.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+            with warnings.catch_warnings():  # importing inductor trips torch's own jit deprecation warning
+                warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
+                self._compiled = torch.compile(self.fn, dynamic=True)
         try:
             return self._compiled(*args)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back, same results

@@ -203,16 +203,39 @@ def undecided(state: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return index, negative[index] / n_negative[index].clamp_min(1)
 
 
-def _fold(update: Callable[..., None], state: State, tau: torch.Tensor, threshold: Optional[float],
-          *scalars: Any) -> None:
-    """One fold step with the TIES trim fused in: update(state, trim(tau, threshold), *scalars)."""
-    update(state, trim(tau, threshold), *scalars)
+def _fold(update: Callable[..., None], finalize: Optional[Callable[..., None]], zero_start: bool, state: State,
+          rows: torch.Tensor, first: bool, thresholds: tuple[Optional[float], ...], scalars: tuple[tuple, ...],
+          out: Optional[torch.Tensor] = None, t: int = 0) -> None:
+    """Fold rows[0..R-1] (one slice of tau_t for R consecutive tasks) into the same slice of the state, with
+    the TIES trim fused in: update(state, trim(row, threshold), *scalars) per row. `first`: the fold starts
+    here (a list state from zeros, a tensor state as a copy of the first trimmed row). With `out`, also
+    finalize(state, t, out) in the same pass.
+
+    Where any row has a NaN or inf entry, the state's first part becomes NaN (MagMax alone would drop a
+    NaN: |NaN| >= x is false), so one finiteness check of that part after the call covers every row."""
+    finite = rows[0] * 0.0
+    for index in range(rows.shape[0]):
+        tau = trim(rows[index], thresholds[index])
+        if index:
+            finite = finite + rows[index] * 0.0
+        if first and index == 0 and not zero_start:
+            state.copy_(tau)
+            continue
+        if first and index == 0:
+            for part in state:
+                part.zero_()
+        update(state, tau, *scalars[index])
+    head = state[0] if zero_start else state
+    head.copy_(torch.where(finite == 0.0, head, math.nan))
+    if out is not None and finalize is not None:
+        finalize(state, t, out)
 
 
 @dataclass(frozen=True)
 class Combiner:
     """A fold: `update(state, tau-hat, *scalars(step))` per task, elementwise and in place (so it runs on
-    any slice); `finalize(state, t, out)` per step into `out` (None: the state is the merged vector).
+    any slice), run by the `fold` kernel over several tasks at once (`_fold`); `finalize(state, t, out)` per
+    step into `out` (None: the state is the merged vector).
     `layout(T, compact)`: the dtypes of a list state that starts at zero (None: one fp32 tensor that starts
     as a copy of tau-hat_1); compact: smallest memory, for whole-vector states.
     `majority` (TIES) is summed over every tensor; when it is not positive, the entries `undecided` names
@@ -225,12 +248,10 @@ class Combiner:
     layout: Optional[Callable[[int, bool], list[torch.dtype]]] = None
     scalars: Callable[[Step], tuple] = no_scalars
     fold: Kernel = field(init=False, repr=False, compare=False)
-    finish: Optional[Kernel] = field(init=False, repr=False, compare=False)
     elect: Optional[Kernel] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "fold", Kernel(partial(_fold, self.update)))
-        object.__setattr__(self, "finish", Kernel(self.finalize) if self.finalize else None)
+        object.__setattr__(self, "fold", Kernel(partial(_fold, self.update, self.finalize, self.layout is not None)))
         object.__setattr__(self, "elect", Kernel(self.majority) if self.majority else None)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from clmerge.errors import UserError
+from clmerge.merging.layout import Piece
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -68,17 +69,43 @@ class TensorFile:
         """Read entries [start, start + count) of tensor `name` (all: count < 0) into the contiguous buffer
         `out`; returns the filled view, shaped like the tensor when the whole tensor was read."""
         entry = self.entries[name]
-        size = torch.empty(0, dtype=entry.dtype).element_size()
         count = entry.numel - start if count < 0 else count
         view = out.view(-1)[:count]
-        raw = memoryview(view.view(torch.uint8).numpy())
-        done, offset = 0, entry.start + start * size
-        while done < count * size:  # Linux reads at most ~2 GB per call
+        self._pread(view, entry.start + start * view.element_size(), name)
+        return view.view(entry.shape) if count == entry.numel else view
+
+    def _pread(self, view: torch.Tensor, offset: int, name: str) -> None:
+        """Fill the contiguous `view` with the bytes at `offset`."""
+        raw, done = memoryview(view.view(torch.uint8).numpy()), 0
+        while done < len(raw):  # Linux reads at most ~2 GB per call
             got = os.preadv(self._handle.fileno(), [raw[done:]], offset + done)
             if got <= 0:
                 raise UserError(f"{self.path} is truncated (tensor {name}); rewrite it")
             done += got
-        return view.view(entry.shape) if count == entry.numel else view
+
+    def read_span(self, pieces: list[Piece], out: torch.Tensor) -> None:
+        """Tensor pieces into the flat fp32 `out`, each at its offset; pieces that lie end to end in the file
+        as fp32 are read with one call."""
+        index = 0
+        while index < len(pieces):
+            first = pieces[index]
+            entry = self.entries[first.name]
+            if entry.dtype != torch.float32:
+                target = torch.empty(first.count, dtype=entry.dtype)
+                out[first.offset:first.offset + first.count].copy_(self.read_into(first.name, target, first.start,
+                                                                                  first.count))
+                index += 1
+                continue
+            offset = entry.start + 4 * first.start
+            end, last = offset + 4 * first.count, index
+            while last + 1 < len(pieces):
+                following = self.entries[pieces[last + 1].name]
+                if following.dtype != torch.float32 or following.start + 4 * pieces[last + 1].start != end:
+                    break
+                last += 1
+                end += 4 * pieces[last].count
+            self._pread(out[first.offset:first.offset + (end - offset) // 4], offset, first.name)
+            index = last + 1
 
     def read(self, name: str) -> torch.Tensor:
         """Tensor `name` in a fresh buffer."""

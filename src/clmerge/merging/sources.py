@@ -7,6 +7,7 @@ from typing import Union
 
 import torch
 
+from clmerge.merging.layout import Piece
 from clmerge.merging.reader import Entry, TensorFile
 
 Tensors = dict[str, torch.Tensor]
@@ -30,6 +31,12 @@ class MemoryVector:
 
     def read(self, name: str) -> torch.Tensor:
         return self.tensors[name].clone()
+
+    def read_span(self, pieces: list[Piece], out: torch.Tensor) -> None:
+        """Tensor pieces into the flat fp32 `out`, each at its offset."""
+        for piece in pieces:
+            out[piece.offset:piece.offset + piece.count].copy_(
+                self.tensors[piece.name].reshape(-1)[piece.start:piece.start + piece.count])
 
     def close(self) -> None:
         """Nothing to release."""
