@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clmerge.errors import UserError
-from clmerge.merging.engine import merge_steps
+from clmerge.merging.engine import merge_final, merge_steps
 from clmerge.merging.methods import METHODS, MergeParams, get_method
 from clmerge.merging.sources import open_sources
 
@@ -102,6 +102,8 @@ def test_ties_equals_the_reference_definition(taus: list[Vector], k: float, deno
     for t, merged in enumerate(steps("ties", taus, params), start=1):
         expected = ties_oracle(taus[:t], k, denominator)
         assert all(torch.equal(merged[name], expected[name]) for name in expected)
+    final = merge_final(open_sources(taus), get_method("ties"), params)  # the chunk-major path
+    assert all(torch.equal(final[name], expected[name]) for name in expected)
 
 
 @settings(max_examples=20, deadline=None)

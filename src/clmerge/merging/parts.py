@@ -195,6 +195,13 @@ def disjoint_finalize(state: list[torch.Tensor], t: int, out: torch.Tensor) -> N
     out.copy_(torch.where(chosen, positive / n_positive.clamp_min(1), negative / n_negative.clamp_min(1)))
 
 
+def disjoint_negatives(state: list[torch.Tensor], out: torch.Tensor) -> None:
+    """The `undecided` entries of a finalized `out` set to their negative candidate S- / max(C-, 1) in place,
+    elementwise (no index list): for a whole-vector state once its majority turns out not positive."""
+    positive, negative, _, n_negative = state
+    out.copy_(torch.where((positive + negative == 0) & (negative != 0), negative / n_negative.clamp_min(1), out))
+
+
 def undecided(state: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Where s = 0 and the two candidates differ (S- != 0), as flat indices, with S- / max(C-, 1) there: the
     entries to overwrite once the whole vector's majority turns out not positive."""
@@ -239,7 +246,7 @@ class Combiner:
     `layout(T, compact)`: the dtypes of a list state that starts at zero (None: one fp32 tensor that starts
     as a copy of tau-hat_1); compact: smallest memory, for whole-vector states.
     `majority` (TIES) is summed over every tensor; when it is not positive, the entries `undecided` names
-    take their negative candidate."""
+    take their negative candidate (`negatives` sets them in place)."""
 
     name: str
     update: Callable[..., None]
@@ -247,12 +254,15 @@ class Combiner:
     majority: Optional[Callable[[State], torch.Tensor]] = None
     layout: Optional[Callable[[int, bool], list[torch.dtype]]] = None
     scalars: Callable[[Step], tuple] = no_scalars
+    negatives: Optional[Callable[[State, torch.Tensor], None]] = None
     fold: Kernel = field(init=False, repr=False, compare=False)
     elect: Optional[Kernel] = field(init=False, repr=False, compare=False)
+    settle: Optional[Kernel] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fold", Kernel(partial(_fold, self.update, self.finalize, self.layout is not None)))
         object.__setattr__(self, "elect", Kernel(self.majority) if self.majority else None)
+        object.__setattr__(self, "settle", Kernel(self.negatives) if self.negatives else None)
 
 
 MAGMAX = Combiner("magmax", magmax_update)
@@ -262,4 +272,4 @@ RANDOM_MIX = Combiner("random_mix", random_mix_update, scalars=random_mix_scalar
 LAST = Combiner("last", last_update)
 PAIRWISE_MEAN = Combiner("pairwise_mean", pairwise_mean_update)
 DISJOINT_MEAN = Combiner("disjoint_mean", disjoint_update, disjoint_finalize, disjoint_majority,
-                         layout=disjoint_layout)
+                         layout=disjoint_layout, negatives=disjoint_negatives)
