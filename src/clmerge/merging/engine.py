@@ -14,10 +14,12 @@ and a NaN/inf marker checked once per call). Chunks are read with one `preadv` p
 tensors lie end to end (merging.reader); states and outputs are one flat block each.
 
 Global TIES trimming first reads a small sample of each task vector to bracket its threshold and one more
-full pass to find it exactly (merging.select). For the final-only merge, with more than one torch thread,
-these threshold scans run ahead on that many threads, overlapping each other; the all-steps merge scans
-one task at a time (each scan holds buffers and candidates, and that path's state is already 3.5 task
-vectors). Integer and boolean tensors are never merged: they pass through from the first task untouched.
+full pass to find it exactly (merging.select). Both loop orders find all T thresholds before allocating
+their state, on as many threads as torch has. Integer and boolean tensors are never merged: they pass
+through from the first task untouched.
+
+Reads are not overlapped with folds on a second thread: inductor's compiled kernels hold the GIL, so a
+reader thread only waited on them (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ SMALL_MERGE = 1 << 25  # entries x tasks below which compiling costs more than i
 
 
 def _find_malloc_trim() -> Optional[Callable[[int], int]]:
+    """glibc's malloc_trim, or None where the C library has none."""
     try:
         return ctypes.CDLL(None).malloc_trim  # glibc
     except (OSError, AttributeError):

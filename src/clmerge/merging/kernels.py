@@ -1,9 +1,9 @@
 """Fused elementwise kernels: one merge step in one pass over memory, via torch.compile (inductor's C++).
 
 Eager torch runs each elementwise op as its own pass (MagMax's update is four), so the engine wraps each
-step function in a `Kernel`: for tensors of at least `MIN_ENTRIES` entries the same Python function is
-compiled once (`dynamic=True`: one compile for every size) and runs as one fused loop; smaller tensors
-run eagerly (a compiled call costs tens of microseconds). The compiled and eager paths run the same ops
+step function in a `Kernel`: for calls on at least `MIN_ENTRIES` entries the same Python function is
+compiled (`dynamic=True`: one compile for every size; one per number of tasks folded in a call) and runs
+as one fused loop; smaller calls run eagerly (a compiled call costs tens of microseconds). The compiled and eager paths run the same ops
 and give the same bits (tests/test_merge_kernels.py). `CLMERGE_COMPILE` chooses: `auto` (default),
 `always` (any size; for tests) or `never`. If compiling fails (no C++ compiler, no inductor), one warning
 is logged and everything runs eagerly from then on.
@@ -19,9 +19,9 @@ from typing import Any, Callable, Optional
 import torch
 
 log = logging.getLogger(__name__)
-MIN_ENTRIES = 1 << 17  # ViT-B/16: every weight matrix; not the small tensors of the tests
+MIN_ENTRIES = 1 << 17  # smaller calls run eagerly (the small tensors of the tests, the world model)
 EAGER_CHUNK = 1 << 16  # entries per eager call: the temporaries of unfused ops stay in the L2 cache
-FUSED_CHUNK = 1 << 18  # entries per fused call: bounds what a compiled kernel allocates, at ~330 calls per 86 M
+FUSED_CHUNK = 1 << 18  # entries per fused call of the slice-by-slice kernels (threshold scan, majority)
 RECOMPILE_LIMIT = 256  # compiled variants of all kernels together
 MODES = ("auto", "always", "never")
 _broken: Optional[str] = None  # why compiling failed, once it has
