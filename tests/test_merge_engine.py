@@ -59,7 +59,7 @@ def test_final_only_equals_the_last_step() -> None:
         assert all(torch.equal(final[k], steps[-1][1][k]) for k in final)
 
 
-def test_threshold_scans_run_ahead_on_several_threads_with_the_same_bits(tmp_path: Path) -> None:
+def test_threshold_scans_on_several_threads_give_the_same_bits(tmp_path: Path) -> None:
     paths = write(tmp_path, random_vectors(4, seed=4))  # 96 K entries each: sampled thresholds, not kthvalue
     params = MergeParams(ties_k=0.2)
 
@@ -68,7 +68,7 @@ def test_threshold_scans_run_ahead_on_several_threads_with_the_same_bits(tmp_pat
                                                                               params)]
 
     serial, serial_final = steps(), merge_final(open_sources(paths), METHODS["ties"], params)
-    torch.set_num_threads(3)  # final only: three scans in a pool (restored by the fixture)
+    torch.set_num_threads(3)  # three scans at once in a pool (restored by the fixture)
     pooled = steps()
     assert all(torch.equal(a[k], b[k]) for a, b in zip(serial, pooled) for k in a)
     pooled_final = merge_final(open_sources(paths), METHODS["ties"], params)

@@ -103,21 +103,14 @@ def _global_threshold(source: Source, layout: Layout, topk: TopK, buffer: torch.
     return picked
 
 
-def _thresholds(sources: Sequence[Source], layout: Layout, topk: Optional[Sparsifier], ahead: bool, width: int
-                ) -> Iterator[Optional[float]]:
+def _thresholds(sources: Sequence[Source], layout: Layout, topk: Optional[Sparsifier], width: int
+                ) -> list[Optional[float]]:
     """The global trim threshold of each source in task order (None for each without global trimming).
 
-    Each scan reads `width` entries at a time. `ahead` with n > 1 torch threads: n scans run ahead in a pool,
-    each thread with its own buffer; the caller goes on meanwhile. Otherwise they run in turn, when asked
-    for."""
+    Each scan reads `width` entries at a time; with n > 1 torch threads, n scans run at once, each thread
+    with its own buffer. The scans' freed buffers are then handed back to the OS."""
     if not (isinstance(topk, TopK) and topk.scope == "global"):
-        yield from (None for _ in sources)
-        return
-    workers = torch.get_num_threads() if ahead else 1
-    if workers == 1:
-        buffer = torch.empty(width)
-        yield from (_global_threshold(source, layout, topk, buffer) for source in sources)
-        return
+        return [None for _ in sources]
     local = threading.local()
 
     def scan(source: Source) -> Optional[float]:
@@ -125,9 +118,14 @@ def _thresholds(sources: Sequence[Source], layout: Layout, topk: Optional[Sparsi
             local.buffer = torch.empty(width)
         return _global_threshold(source, layout, topk, local.buffer)
 
-    with ThreadPoolExecutor(workers, thread_name_prefix="clmerge-threshold") as pool:
-        for future in [pool.submit(scan, source) for source in sources]:
-            yield future.result()
+    workers = torch.get_num_threads()
+    if workers == 1:
+        found = [scan(source) for source in sources]
+    else:
+        with ThreadPoolExecutor(workers, thread_name_prefix="clmerge-threshold") as pool:
+            found = list(pool.map(scan, sources))
+    _release_freed_heap()
+    return found
 
 
 class _Plan:
@@ -236,8 +234,7 @@ def merge_steps(sources: Sequence[Source], method: MergeMethod, params: MergePar
 def _task_major(sources: Sequence[Source], plan: _Plan, every_step: bool) -> Iterator[tuple[int, torch.Tensor]]:
     """m_1..m_T (m_T alone unless `every_step`), flat: each task vector folded into the whole state in turn."""
     combiner, num_tasks, layout = plan.combiner, plan.num_tasks, plan.layout
-    thresholds = list(_thresholds(sources, layout, plan.sparsifier, True, plan.width(TASK_CHUNK)))  # no state yet
-    _release_freed_heap()
+    thresholds = _thresholds(sources, layout, plan.sparsifier, plan.width(TASK_CHUNK))  # before the state exists
     state = plan.state(layout.total, compact=True)
     out = torch.empty(layout.total) if combiner.finalize is not None else state  # reused by every step
     chunks = plan.chunks(TASK_CHUNK)
@@ -263,7 +260,7 @@ def _chunk_major(sources: Sequence[Source], plan: _Plan) -> Iterator[tuple[int, 
     """m_T alone: each chunk read from the T files into cache-resident rows, folded (`GROUP` tasks per kernel
     call) into a chunk-sized state, then finalized into the merged vector."""
     combiner, num_tasks, layout = plan.combiner, plan.num_tasks, plan.layout
-    thresholds = list(_thresholds(sources, layout, plan.sparsifier, True, plan.width(TASK_CHUNK)))
+    thresholds = _thresholds(sources, layout, plan.sparsifier, plan.width(TASK_CHUNK))
     group = math.ceil(num_tasks / math.ceil(num_tasks / GROUP))
     size = max(ROWS // group, 1)
     size -= size % 1024 if size > 1024 else 0  # chunk starts on cache-line and vector boundaries

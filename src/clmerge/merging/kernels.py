@@ -3,10 +3,10 @@
 Eager torch runs each elementwise op as its own pass (MagMax's update is four), so the engine wraps each
 step function in a `Kernel`: for calls on at least `MIN_ENTRIES` entries the same Python function is
 compiled (`dynamic=True`: one compile for every size; one per number of tasks folded in a call) and runs
-as one fused loop; smaller calls run eagerly (a compiled call costs tens of microseconds). The compiled and eager paths run the same ops
-and give the same bits (tests/test_merge_kernels.py). `CLMERGE_COMPILE` chooses: `auto` (default),
-`always` (any size; for tests) or `never`. If compiling fails (no C++ compiler, no inductor), one warning
-is logged and everything runs eagerly from then on.
+as one fused loop; smaller calls run eagerly (a compiled call costs tens of microseconds). The compiled
+and eager paths run the same ops and give the same bits (tests/test_merge_kernels.py). `CLMERGE_COMPILE`
+chooses: `auto` (default), `always` (any size; for tests) or `never`. If compiling fails (no C++
+compiler, no inductor), one warning is logged and everything runs eagerly from then on.
 """
 
 from __future__ import annotations

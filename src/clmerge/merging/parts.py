@@ -225,10 +225,10 @@ def _fold(update: Callable[..., None], finalize: Optional[Callable[..., None]], 
         tau = trim(rows[index], thresholds[index])
         if index:
             finite = finite + rows[index] * 0.0
-        if first and index == 0 and not zero_start:
-            state.copy_(tau)
-            continue
         if first and index == 0:
+            if not zero_start:
+                state.copy_(tau)
+                continue
             for part in state:
                 part.zero_()
         update(state, tau, *scalars[index])

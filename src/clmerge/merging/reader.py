@@ -84,28 +84,23 @@ class TensorFile:
             done += got
 
     def read_span(self, pieces: list[Piece], out: torch.Tensor) -> None:
-        """Tensor pieces into the flat fp32 `out`, each at its offset; pieces that lie end to end in the file
-        as fp32 are read with one call."""
-        index = 0
-        while index < len(pieces):
-            first = pieces[index]
-            entry = self.entries[first.name]
+        """Tensor pieces into the flat fp32 `out`, each at its offset; fp32 pieces that lie end to end in the
+        file are read with one call."""
+        runs: list[list] = []  # [file offset, file end, first piece] of runs adjacent in the file and in `out`
+        for piece in pieces:
+            entry = self.entries[piece.name]
             if entry.dtype != torch.float32:
-                target = torch.empty(first.count, dtype=entry.dtype)
-                out[first.offset:first.offset + first.count].copy_(self.read_into(first.name, target, first.start,
-                                                                                  first.count))
-                index += 1
+                target = torch.empty(piece.count, dtype=entry.dtype)
+                read = self.read_into(piece.name, target, piece.start, piece.count)
+                out[piece.offset:piece.offset + piece.count].copy_(read)
                 continue
-            offset = entry.start + 4 * first.start
-            end, last = offset + 4 * first.count, index
-            while last + 1 < len(pieces):
-                following = self.entries[pieces[last + 1].name]
-                if following.dtype != torch.float32 or following.start + 4 * pieces[last + 1].start != end:
-                    break
-                last += 1
-                end += 4 * pieces[last].count
-            self._pread(out[first.offset:first.offset + (end - offset) // 4], offset, first.name)
-            index = last + 1
+            start = entry.start + 4 * piece.start
+            if runs and runs[-1][1] == start and runs[-1][2].offset + (start - runs[-1][0]) // 4 == piece.offset:
+                runs[-1][1] += 4 * piece.count
+            else:
+                runs.append([start, start + 4 * piece.count, piece])
+        for start, end, first in runs:
+            self._pread(out[first.offset:first.offset + (end - start) // 4], start, first.name)
 
     def read(self, name: str) -> torch.Tensor:
         """Tensor `name` in a fresh buffer."""
