@@ -89,10 +89,11 @@ def test_random_mix_follows_its_documented_hash_exactly(monkeypatch: pytest.Monk
     assert METHODS["random_mix"].key_params(MergeParams(seed=11)) == {"seed": 11, "draws": "hash32"}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # numpy's gather, torch's
 @pytest.mark.parametrize("lo, hi", [(0.25, 0.75), (None, 0.5), (0.0, None), (None, None)])
 def test_the_fused_threshold_scan_counts_and_keeps_what_the_eager_one_does(monkeypatch: pytest.MonkeyPatch,
-                                                                          lo, hi) -> None:
-    values = torch.randint(-8, 9, (70_000,), generator=torch.Generator().manual_seed(1)).float() / 8
+                                                                          lo, hi, dtype: torch.dtype) -> None:
+    values = (torch.randint(-8, 9, (70_000,), generator=torch.Generator().manual_seed(1)).float() / 8).to(dtype)
     values[:100] = -0.0  # zeros of both signs sit on a bracket edge at lo = 0
     found = {}
     for mode in ("never", "always"):

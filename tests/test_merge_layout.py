@@ -55,6 +55,30 @@ def test_span_reads_equal_the_tensors_whatever_lies_between_them(tmp_path: Path)
             out = torch.full((count,), float("nan"))
             source.read_span(layout.pieces(begin, count), out)
             assert torch.equal(out, flat[begin:begin + count])
+            spanned = source.span(layout.pieces(begin, count), torch.full((count,), float("nan")), hold=0)
+            assert torch.equal(spanned, flat[begin:begin + count])
+
+
+def test_span_gives_views_of_fp32_runs_that_stay_valid_after_their_pages_are_dropped(tmp_path: Path) -> None:
+    tensors = {"a": torch.randn(3000), "b": torch.randn(50, 40), "c": torch.randn(7).bfloat16(), "d": torch.randn(9)}
+    save_file(tensors, str(tmp_path / "v.safetensors"))
+    file, memory = open_sources([tmp_path / "v.safetensors", {k: v for k, v in tensors.items() if k != "c"}])
+    layout = Layout({name: tensors[name].shape for name in ("a", "b")})
+    flat = torch.cat([tensors["a"], tensors["b"].reshape(-1)])
+    views = []
+    for begin in range(0, layout.total, 1000):  # hold 0: each span drops the pages of the one before
+        out = torch.zeros(min(1000, layout.total - begin))
+        views.append((begin, file.span(layout.pieces(begin, out.numel()), out, hold=0)))
+        assert views[-1][1].data_ptr() != out.data_ptr()  # a view of the mapped file, not a copy
+    for begin, view in views:
+        assert torch.equal(view, flat[begin:begin + view.numel()])
+    one = memory.span(layout.pieces(3000, 2000), torch.zeros(2000), hold=0)  # within one tensor: a view
+    assert one.data_ptr() == tensors["b"].data_ptr()
+    crossing = Layout({name: tensors[name].shape for name in ("a", "c", "d")})  # bf16 between: read, not mapped
+    out = torch.zeros(20)
+    assert file.span(crossing.pieces(2995, 20), out, hold=0).data_ptr() == out.data_ptr()
+    assert torch.equal(out, torch.cat([tensors["a"][-5:], tensors["c"].float(), tensors["d"][:8]]))
+    file.close()
 
 
 def vectors(num_tasks: int) -> list[dict[str, torch.Tensor]]:
@@ -63,13 +87,21 @@ def vectors(num_tasks: int) -> list[dict[str, torch.Tensor]]:
              "m": torch.randn(2, 13, generator=g)} for _ in range(num_tasks)]
 
 
-def test_tiny_chunks_and_task_groups_give_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Chunks of a few entries that cross tensors, and 7 tasks folded 3 at a time (groups of 3, 3, 1)."""
-    taus = vectors(7)
+@pytest.mark.parametrize("stored", [False, True], ids=["memory", "files"])
+def test_tiny_chunks_and_task_groups_give_the_same_bits(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                        stored: bool) -> None:
+    """Chunks of a few entries that cross tensors, and 7 tasks folded 3 at a time (groups of 3, 3, 1), from
+    vectors in memory and from files (mapped views, pages dropped after every chunk)."""
+    taus: list = vectors(7)
     params = MergeParams(seed=4, ties_k=0.4)
     default = {name: [{k: v.clone() for k, v in m.items()} for _, m in merge_steps(open_sources(taus), method,
                                                                                     params)]
                for name, method in METHODS.items()}
+    if stored:
+        for i, tau in enumerate(taus):
+            save_file(tau, str(tmp_path / f"{i}.safetensors"))
+        taus = sorted(tmp_path.glob("*.safetensors"))
+        monkeypatch.setattr(engine, "MAPPED", 0)
     monkeypatch.setattr(engine, "ROWS", 12)  # 4 entries per row
     monkeypatch.setattr(engine, "GROUP", 3)
     monkeypatch.setattr(engine, "TASK_CHUNK", 10)

@@ -2,16 +2,18 @@
 
 Two loop orders give the same bits:
 
-- chunk-major (final only): each chunk is read from the T files into rows that stay in the cache and folded
-  by one fused kernel call (up to `GROUP` tasks per call), then written once into the merged vector; memory
-  traffic is one read of every task vector plus one write of the merged one, and memory is the merged vector
-  plus the rows;
-- task-major (all steps): task t's chunks are read in turn and folded into the state (one vector; averaging
-  and TIES keep more), so all T per-step merges cost one pass over the tasks (O(T), not O(T^2)).
+- chunk-major (final only): each chunk of the T task vectors is folded by one fused kernel call (up to
+  `GROUP` tasks per call) and written once into the merged vector; memory traffic is one read of every task
+  vector plus one write of the merged one, and memory is the merged vector plus a chunk per file;
+- task-major (all steps): task t's chunks are folded in turn into the state (one vector; averaging and TIES
+  keep more), so all T per-step merges cost one pass over the tasks (O(T), not O(T^2)).
 
 Every fold is one fused kernel per chunk (merging.kernels, parts._fold: TIES trim + the combiner's update,
-and a NaN/inf marker checked once per call). Chunks are read with one `preadv` per file wherever the
-tensors lie end to end (merging.reader); states and outputs are one flat block each.
+and a NaN/inf marker checked once per call). The kernels read the task vectors where they lie: views of
+the files mapped read-only wherever a chunk's tensors lie end to end as fp32 (merging.reader; the views
+are never written: sparsifiers that rewrite whole tensors get copies), else copies read with `preadv`.
+States and outputs are one flat block each, faulted in by a second thread while the merge runs
+(merging.memory): the page faults of a fresh vector cost as much as reading five task vectors.
 
 Global TIES trimming first reads a small sample of each task vector to bracket its threshold and one more
 full pass to find it exactly (merging.select). Both loop orders find all T thresholds before allocating
@@ -24,17 +26,17 @@ reader thread only waited on them (docs/performance.md).
 
 from __future__ import annotations
 
-import ctypes
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
 from clmerge.errors import UserError
 from clmerge.merging.kernels import MIN_ENTRIES
 from clmerge.merging.layout import Layout, Piece
+from clmerge.merging.memory import prefaulted, release_freed_heap
 from clmerge.merging.methods import MergeMethod, MergeParams
 from clmerge.merging.parts import Combiner, Sparsifier, State, Step, TopK, no_scalars, undecided
 from clmerge.merging.reader import check_compatible, check_finite_tensor
@@ -43,29 +45,11 @@ from clmerge.merging.sources import Source
 
 Tensors = dict[str, torch.Tensor]
 SAMPLE_BLOCKS, BLOCK = 1024, 256  # global-threshold sample: about this many blocks of this many entries
-ROWS = 1 << 21  # final only: entries of the rows read per chunk (8 MB, all tasks of a group: cache-resident)
+ROWS = 1 << 21  # final only: entries per chunk of all the tasks of a group together (8 MB)
 GROUP = 16  # final only: tasks per fold call at most (the kernel is compiled once per row count)
 TASK_CHUNK = 1 << 20  # all steps: entries per chunk (4 MB)
+MAPPED = 32 << 20  # bytes of mapped task-vector pages all the files together keep before dropping them
 SMALL_MERGE = 1 << 25  # entries x tasks below which compiling costs more than it saves: eager-sized chunks
-
-
-def _find_malloc_trim() -> Optional[Callable[[int], int]]:
-    """glibc's malloc_trim, or None where the C library has none."""
-    try:
-        return ctypes.CDLL(None).malloc_trim  # glibc
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _find_malloc_trim()
-
-
-def _release_freed_heap() -> None:
-    """Hand freed heap memory back to the OS. glibc keeps what small allocations freed (the threshold
-    scans' marks and candidates: up to 140 MB measured after a few merges), and it would sit under the
-    state allocated next."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def check_finite(vector: Tensors, where: str) -> None:
@@ -74,24 +58,28 @@ def check_finite(vector: Tensors, where: str) -> None:
         check_finite_tensor(tensor, where, name)
 
 
-def _global_threshold(source: Source, layout: Layout, topk: TopK, buffer: torch.Tensor) -> Optional[float]:
+def _global_threshold(source: Source, layout: Layout, topk: TopK, buffer: torch.Tensor, hold: int
+                      ) -> Optional[float]:
     """thr of one task vector over all its floating tensors (None: keep everything), exact; read chunk by
-    chunk into `buffer`."""
+    chunk (views of the file, or copies into `buffer`; `hold`: see `Source.span`). The sample's small blocks
+    are copied: a view would map a whole folio for each."""
     rank = topk.rank(layout.total)
     if rank < 1:
         return None
 
     def values(begin: int, count: int) -> torch.Tensor:
-        view = buffer[:count]
-        source.read_span(layout.pieces(begin, count), view)
-        return view
+        return source.span(layout.pieces(begin, count), buffer[:count], hold)
+
+    def block(begin: int, count: int) -> torch.Tensor:
+        source.read_span(layout.pieces(begin, count), buffer[:count])
+        return buffer[:count].abs()
 
     chunks = list(layout.chunks(buffer.numel(), within_tensors=False))
     if layout.total <= DIRECT:
         return float(torch.cat([values(*chunk).abs() for chunk in chunks]).kthvalue(rank).values)
     length = min(layout.total, BLOCK)
     starts = ((layout.total - length) * i // (SAMPLE_BLOCKS - 1) for i in range(SAMPLE_BLOCKS))
-    found = bracket(torch.cat([values(start, length).abs() for start in starts]), rank, layout.total)
+    found = bracket(torch.cat([block(start, length) for start in starts]), rank, layout.total)
     for chunk in chunks:
         found.scan(values(*chunk), magnitudes=True)
     picked = found.pick(rank)
@@ -116,7 +104,7 @@ def _thresholds(sources: Sequence[Source], layout: Layout, topk: Optional[Sparsi
     def scan(source: Source) -> Optional[float]:
         if not hasattr(local, "buffer"):
             local.buffer = torch.empty(width)
-        return _global_threshold(source, layout, topk, local.buffer)
+        return _global_threshold(source, layout, topk, local.buffer, MAPPED // len(sources))
 
     workers = torch.get_num_threads()
     if workers == 1:
@@ -124,7 +112,7 @@ def _thresholds(sources: Sequence[Source], layout: Layout, topk: Optional[Sparsi
     else:
         with ThreadPoolExecutor(workers, thread_name_prefix="clmerge-threshold") as pool:
             found = list(pool.map(scan, sources))
-    _release_freed_heap()
+    release_freed_heap()
     return found
 
 
@@ -145,6 +133,14 @@ class _Plan:
         return [(begin, count, self.layout.pieces(begin, count))
                 for begin, count in self.layout.chunks(None if self.whole else min(size, self.cap), self.within)]
 
+    def fetch(self, source: Source, pieces: list[Piece], out: torch.Tensor) -> torch.Tensor:
+        """The pieces of one task vector as a flat row: a view of the source where it can give one (no copy),
+        else read into `out`; always `out` for whole-tensor sparsifiers, which rewrite their rows in place."""
+        if self.whole:
+            source.read_span(pieces, out)
+            return out
+        return source.span(pieces, out, MAPPED // self.num_tasks)
+
     def width(self, size: int) -> int:
         """The largest chunk `chunks(size)` cuts."""
         return self.layout.largest if self.whole else max(1, min(size, self.cap, self.layout.total))
@@ -155,7 +151,7 @@ class _Plan:
             return torch.empty(entries)
         return [torch.empty(entries, dtype=dtype) for dtype in self.combiner.layout(self.num_tasks, compact)]
 
-    def arguments(self, rows: torch.Tensor, pieces: list[Piece], tasks: range,
+    def arguments(self, rows: list[torch.Tensor], pieces: list[Piece], tasks: range,
                   thresholds: Sequence[Optional[float]]) -> tuple[tuple, tuple]:
         """(thresholds, scalars) per row for the fold kernel; whole-tensor rows are sparsified in place."""
         name, start = (pieces[0].name, pieces[0].start) if self.within else ("", 0)
@@ -177,7 +173,7 @@ def _slice(state: State, begin: int, count: int) -> State:
     return state[begin:begin + count]
 
 
-def _fold_checked(plan: _Plan, state: State, rows: torch.Tensor, first: bool, pieces: list[Piece],
+def _fold_checked(plan: _Plan, state: State, rows: list[torch.Tensor], first: bool, pieces: list[Piece],
                   tasks: range, thresholds: Sequence[Optional[float]], sources: Sequence[Source],
                   out: Optional[torch.Tensor]) -> None:
     """Fold rows (tasks `tasks`) into a slice of the state, and with `out` (for a combiner that finalizes)
@@ -205,11 +201,16 @@ def _slices(state: State, chunk: int) -> Iterator[tuple[int, State]]:
         yield start, piece if isinstance(state, list) else piece[0]
 
 
-def _majority(combiner: Combiner, state: State) -> int:
-    """The TIES majority over a state (or a slice of one): sum of the elected signs (exact integers)."""
+def _majority(combiner: Combiner, state: State) -> tuple[int, int]:
+    """The TIES majority over a state (or a slice of one), the sum of the elected signs, and how many of its
+    entries are `undecided` (exact integers)."""
     assert combiner.elect is not None
     chunk = combiner.elect.chunk(_parts(state)[0].numel())
-    return sum(int(combiner.elect(piece)) for _, piece in _slices(state, chunk))
+    majority, ties = 0, 0
+    for _, piece in _slices(state, chunk):
+        share, count = combiner.elect(piece).tolist()
+        majority, ties = majority + share, ties + count
+    return majority, ties
 
 
 def merge_steps(sources: Sequence[Source], method: MergeMethod, params: MergeParams = MergeParams(),
@@ -238,27 +239,29 @@ def _task_major(sources: Sequence[Source], plan: _Plan, every_step: bool) -> Ite
     state = plan.state(layout.total, compact=True)
     out = torch.empty(layout.total) if combiner.finalize is not None else state  # reused by every step
     chunks = plan.chunks(TASK_CHUNK)
-    buffer = torch.empty(1, plan.width(TASK_CHUNK))
-    for t, threshold in enumerate(thresholds, start=1):
-        finishing, majority = every_step or t == num_tasks, 0
-        for begin, count, pieces in chunks:
-            rows, part = buffer[:, :count], _slice(state, begin, count)
-            sources[t - 1].read_span(pieces, rows[0])
-            _fold_checked(plan, part, rows, t == 1, pieces, range(t, t + 1), [threshold], sources,
-                          out[begin:begin + count] if finishing else None)
-            if finishing and combiner.elect is not None:  # while the chunk is in cache
-                majority += _majority(combiner, part)
-        if not finishing:
-            continue
-        if combiner.settle is not None and majority <= 0:
-            for begin, count, _ in chunks:
-                combiner.settle(_slice(state, begin, count), out[begin:begin + count])
-        yield t, out
+    buffer = torch.empty(plan.width(TASK_CHUNK))
+    with prefaulted(_parts(state) + ([] if out is state else [out])):
+        for t, threshold in enumerate(thresholds, start=1):
+            finishing, majority, ties = every_step or t == num_tasks, 0, 0
+            for begin, count, pieces in chunks:
+                part = _slice(state, begin, count)
+                rows = [plan.fetch(sources[t - 1], pieces, buffer[:count])]
+                _fold_checked(plan, part, rows, t == 1, pieces, range(t, t + 1), [threshold], sources,
+                              out[begin:begin + count] if finishing else None)
+                if finishing and combiner.elect is not None:  # while the chunk is in cache
+                    share, tied = _majority(combiner, part)
+                    majority, ties = majority + share, ties + tied
+            if not finishing:
+                continue
+            if combiner.settle is not None and majority <= 0 and ties:
+                for begin, count, _ in chunks:
+                    combiner.settle(_slice(state, begin, count), out[begin:begin + count])
+            yield t, out
 
 
 def _chunk_major(sources: Sequence[Source], plan: _Plan) -> Iterator[tuple[int, torch.Tensor]]:
-    """m_T alone: each chunk read from the T files into cache-resident rows, folded (`GROUP` tasks per kernel
-    call) into a chunk-sized state, then finalized into the merged vector."""
+    """m_T alone: each chunk of the T task vectors (views, or rows read into a buffer) folded (`GROUP` tasks
+    per kernel call) into a chunk-sized state, then finalized into the merged vector."""
     combiner, num_tasks, layout = plan.combiner, plan.num_tasks, plan.layout
     thresholds = _thresholds(sources, layout, plan.sparsifier, plan.width(TASK_CHUNK))
     group = math.ceil(num_tasks / math.ceil(num_tasks / GROUP))
@@ -269,19 +272,20 @@ def _chunk_major(sources: Sequence[Source], plan: _Plan) -> Iterator[tuple[int, 
     in_place = combiner.layout is None and combiner.finalize is None
     scratch = None if in_place else plan.state(rows.shape[1], compact=False)
     majority, pending = 0, []
-    for begin, count, pieces in plan.chunks(size):
-        state = merged[begin:begin + count] if in_place else _slice(scratch, 0, count)
-        for low in range(0, num_tasks, group):
-            tasks = range(low + 1, min(low + group, num_tasks) + 1)
-            taken = rows[:len(tasks), :count]
-            for row, t in zip(taken, tasks):
-                sources[t - 1].read_span(pieces, row)
-            _fold_checked(plan, state, taken, low == 0, pieces, tasks, thresholds[low:low + group], sources,
-                          merged[begin:begin + count] if tasks[-1] == num_tasks else None)
-        if combiner.elect is not None:
-            majority += _majority(combiner, state)
-            index, values = undecided(state)
-            pending.append((index + begin, values))
+    with prefaulted([merged]):
+        for begin, count, pieces in plan.chunks(size):
+            state = merged[begin:begin + count] if in_place else _slice(scratch, 0, count)
+            for low in range(0, num_tasks, group):
+                tasks = range(low + 1, min(low + group, num_tasks) + 1)
+                taken = [plan.fetch(sources[t - 1], pieces, row[:count]) for row, t in zip(rows, tasks)]
+                _fold_checked(plan, state, taken, low == 0, pieces, tasks, thresholds[low:low + group],
+                              sources, merged[begin:begin + count] if tasks[-1] == num_tasks else None)
+            if combiner.elect is not None:
+                share, ties = _majority(combiner, state)
+                majority += share
+                if ties:
+                    index, values = undecided(state)
+                    pending.append((index + begin, values))
     if majority <= 0:
         for index, values in pending:
             merged[index] = values

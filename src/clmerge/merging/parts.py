@@ -177,8 +177,11 @@ def disjoint_update(state: list[torch.Tensor], tau: torch.Tensor) -> None:
 
 
 def disjoint_majority(state: list[torch.Tensor]) -> torch.Tensor:
-    """This tensor's share of the global majority sign: sum_e sign(S+ + S-) (int64, exact)."""
-    return torch.sign(state[0] + state[1]).sum(dtype=torch.int64)
+    """This slice's share of the global majority sign, sum_e sign(S+ + S-), and how many of its entries are
+    `undecided` (an int64 pair, exact; one pass)."""
+    elected = state[0] + state[1]
+    return torch.stack([torch.sign(elected).sum(dtype=torch.int64),
+                        ((elected == 0) & (state[1] != 0)).sum(dtype=torch.int64)])
 
 
 def mean_finalize(state: torch.Tensor, t: int, out: torch.Tensor) -> None:
@@ -211,7 +214,7 @@ def undecided(state: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _fold(update: Callable[..., None], finalize: Optional[Callable[..., None]], zero_start: bool, state: State,
-          rows: torch.Tensor, first: bool, thresholds: tuple[Optional[float], ...], scalars: tuple[tuple, ...],
+          rows: list[torch.Tensor], first: bool, thresholds: tuple[Optional[float], ...], scalars: tuple[tuple, ...],
           out: Optional[torch.Tensor] = None, t: int = 0) -> None:
     """Fold rows[0..R-1] (one slice of tau_t for R consecutive tasks) into the same slice of the state, with
     the TIES trim fused in: update(state, trim(row, threshold), *scalars) per row. `first`: the fold starts
@@ -221,7 +224,7 @@ def _fold(update: Callable[..., None], finalize: Optional[Callable[..., None]], 
     Where any row has a NaN or inf entry, the state's first part becomes NaN (MagMax alone would drop a
     NaN: |NaN| >= x is false), so one finiteness check of that part after the call covers every row."""
     finite = rows[0] * 0.0
-    for index in range(rows.shape[0]):
+    for index in range(len(rows)):
         tau = trim(rows[index], thresholds[index])
         if index:
             finite = finite + rows[index] * 0.0
@@ -245,8 +248,9 @@ class Combiner:
     step into `out` (None: the state is the merged vector).
     `layout(T, compact)`: the dtypes of a list state that starts at zero (None: one fp32 tensor that starts
     as a copy of tau-hat_1); compact: smallest memory, for whole-vector states.
-    `majority` (TIES) is summed over every tensor; when it is not positive, the entries `undecided` names
-    take their negative candidate (`negatives` sets them in place)."""
+    `majority` (TIES: a slice's share of the majority and its count of undecided entries) is summed over every
+    slice; when the majority is not positive, the entries `undecided` names take their negative candidate
+    (`negatives` sets them in place)."""
 
     name: str
     update: Callable[..., None]

@@ -1,0 +1,52 @@
+"""The engine's memory through the OS: fresh blocks faulted in on a second thread without a change to their
+contents, and the pages of mapped task vectors dropped as a scan moves on (Linux: both use madvise)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from clmerge.merging.layout import Layout
+from clmerge.merging.memory import prefaulted
+from clmerge.merging.reader import TensorFile
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc are Linux's")
+MB = 1 << 20
+
+
+def resident(kind: str) -> int:
+    """This process's resident memory of one kind (RssAnon, RssFile), bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(kind + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {kind} in /proc/self/status")
+
+
+def test_prefaulted_blocks_are_resident_after_and_keep_their_contents() -> None:
+    written = torch.arange(4 * MB, dtype=torch.float32)  # 16 MB, touched: its contents must survive
+    blocks = [torch.empty(16 * MB, dtype=torch.float32), torch.empty(16 * MB, dtype=torch.uint8), written]
+    before = resident("RssAnon")
+    with prefaulted(blocks):
+        pass
+    assert resident("RssAnon") - before >= 60 * MB  # the fresh 64 MB block (mapped, never written) is in memory
+    assert torch.equal(written, torch.arange(4 * MB, dtype=torch.float32))
+
+
+def test_mapped_pages_are_dropped_as_the_spans_move_on(tmp_path: Path) -> None:
+    vector = torch.randn(16 * MB)  # 64 MB, in the page cache once written
+    save_file({"w": vector}, str(tmp_path / "v.safetensors"))
+    layout, out = Layout({"w": vector.shape}), torch.empty(MB // 4)
+    grown = {}
+    for hold in (MB, 1 << 40):
+        with TensorFile(tmp_path / "v.safetensors") as file:
+            before, total = resident("RssFile"), 0.0
+            for begin in range(0, layout.total, out.numel()):
+                total += float(file.span(layout.pieces(begin, out.numel()), out, hold).sum())
+            grown[hold] = resident("RssFile") - before
+        assert total == pytest.approx(float(vector.sum()), rel=1e-3, abs=1.0)
+    assert grown[1 << 40] >= 48 * MB  # kept mapped: most of the file is resident in this process
+    assert grown[MB] <= 12 * MB  # dropped every MB: a few MB and a folio or two
