@@ -16,7 +16,6 @@ Writes max(T) x 345 MB of safetensors under --dir (a temporary folder by default
 from __future__ import annotations
 
 import argparse
-import ctypes
 import resource
 import shutil
 import tempfile
@@ -31,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from clmerge.merging import kernels
 from clmerge.merging.engine import merge_steps
+from clmerge.merging.memory import release_freed_heap
 from clmerge.merging.methods import MergeParams, get_method
 from clmerge.merging.reader import TensorFile
 
@@ -41,11 +41,6 @@ MB = 1e6
 def rss() -> int:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * PAGE
-
-
-def release_free_memory() -> None:
-    """Give freed heap memory back to the OS (glibc keeps it), so that RSS growth measures real use."""
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class PeakRSS:
@@ -127,7 +122,7 @@ def timed(action: Callable[[], None], repeat: int) -> tuple[float, float]:
     """Best wall time of `repeat` runs, and the largest peak memory above the start (MB)."""
     best, peak = float("inf"), 0.0
     for _ in range(repeat):
-        release_free_memory()
+        release_freed_heap()  # glibc keeps freed heap memory: RSS growth then measures real use
         with PeakRSS() as memory:
             start = time.perf_counter()
             action()

@@ -72,13 +72,21 @@ def test_span_gives_views_of_fp32_runs_that_stay_valid_after_their_pages_are_dro
         assert views[-1][1].data_ptr() != out.data_ptr()  # a view of the mapped file, not a copy
     for begin, view in views:
         assert torch.equal(view, flat[begin:begin + view.numel()])
-    one = memory.span(layout.pieces(3000, 2000), torch.zeros(2000), hold=0)  # within one tensor: a view
-    assert one.data_ptr() == tensors["b"].data_ptr()
+    copied = torch.zeros(2000)
+    assert memory.span(layout.pieces(3000, 2000), copied, hold=0).data_ptr() == copied.data_ptr()  # in memory: copies
+    assert torch.equal(copied, tensors["b"].reshape(-1))
     crossing = Layout({name: tensors[name].shape for name in ("a", "c", "d")})  # bf16 between: read, not mapped
     out = torch.zeros(20)
     assert file.span(crossing.pieces(2995, 20), out, hold=0).data_ptr() == out.data_ptr()
     assert torch.equal(out, torch.cat([tensors["a"][-5:], tensors["c"].float(), tensors["d"][:8]]))
     file.close()
+
+
+def test_a_file_shorter_than_its_header_says_is_refused_when_opened(tmp_path: Path) -> None:
+    save_file({"w": torch.randn(100)}, str(tmp_path / "v.safetensors"))
+    (tmp_path / "v.safetensors").write_bytes((tmp_path / "v.safetensors").read_bytes()[:-8])
+    with pytest.raises(UserError, match=r"v.safetensors is truncated \(tensor w\); rewrite it"):
+        open_sources([tmp_path / "v.safetensors"])
 
 
 def vectors(num_tasks: int) -> list[dict[str, torch.Tensor]]:

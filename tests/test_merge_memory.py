@@ -3,6 +3,9 @@ contents, and the pages of mapped task vectors dropped as a scan moves on (Linux
 
 from __future__ import annotations
 
+import mmap
+import platform
+import re
 import sys
 from pathlib import Path
 
@@ -26,6 +29,12 @@ def resident(kind: str) -> int:
     raise AssertionError(f"no {kind} in /proc/self/status")
 
 
+def kernel_at_least(major: int, minor: int) -> bool:
+    found = re.match(r"(\d+)\.(\d+)", platform.release())
+    return found is not None and (int(found[1]), int(found[2])) >= (major, minor)
+
+
+@pytest.mark.skipif(not kernel_at_least(5, 14), reason="MADV_POPULATE_WRITE came with Linux 5.14")
 def test_prefaulted_blocks_are_resident_after_and_keep_their_contents() -> None:
     written = torch.arange(4 * MB, dtype=torch.float32)  # 16 MB, touched: its contents must survive
     blocks = [torch.empty(16 * MB, dtype=torch.float32), torch.empty(16 * MB, dtype=torch.uint8), written]
@@ -50,3 +59,17 @@ def test_mapped_pages_are_dropped_as_the_spans_move_on(tmp_path: Path) -> None:
         assert total == pytest.approx(float(vector.sum()), rel=1e-3, abs=1.0)
     assert grown[1 << 40] >= 48 * MB  # kept mapped: most of the file is resident in this process
     assert grown[MB] <= 12 * MB  # dropped every MB: a few MB and a folio or two
+
+
+def test_a_file_that_cannot_be_mapped_is_read_instead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    vector = torch.randn(1000)
+    save_file({"w": vector}, str(tmp_path / "v.safetensors"))
+
+    def refuse(*args: object, **kwargs: object) -> mmap.mmap:
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    with TensorFile(tmp_path / "v.safetensors") as file:
+        out = torch.zeros(1000)
+        assert file.span(Layout({"w": (1000,)}).pieces(0, 1000), out, hold=0).data_ptr() == out.data_ptr()
+        assert torch.equal(out, vector)

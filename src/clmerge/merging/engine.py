@@ -10,8 +10,10 @@ Two loop orders give the same bits:
 
 Every fold is one fused kernel per chunk (merging.kernels, parts._fold: TIES trim + the combiner's update,
 and a NaN/inf marker checked once per call). The kernels read the task vectors where they lie: views of
-the files mapped read-only wherever a chunk's tensors lie end to end as fp32 (merging.reader; the views
-are never written: sparsifiers that rewrite whole tensors get copies), else copies read with `preadv`.
+the mapped files wherever a chunk's tensors lie end to end as fp32 (merging.reader; the views are never
+written: sparsifiers that rewrite whole tensors get copies), else copies read with `preadv`. Each file
+drops the pages it has handed out as the merge moves on, and all of them once its task is folded or its
+threshold found.
 States and outputs are one flat block each, faulted in by a second thread while the merge runs
 (merging.memory): the page faults of a fresh vector cost as much as reading five task vectors.
 
@@ -61,8 +63,8 @@ def check_finite(vector: Tensors, where: str) -> None:
 def _global_threshold(source: Source, layout: Layout, topk: TopK, buffer: torch.Tensor, hold: int
                       ) -> Optional[float]:
     """thr of one task vector over all its floating tensors (None: keep everything), exact; read chunk by
-    chunk (views of the file, or copies into `buffer`; `hold`: see `Source.span`). The sample's small blocks
-    are copied: a view would map a whole folio for each."""
+    chunk (views of the file, or copies into `buffer`; `hold`: see `TensorFile.span`). The sample's small
+    blocks are copied: a view would map a whole folio for each."""
     rank = topk.rank(layout.total)
     if rank < 1:
         return None
@@ -88,6 +90,7 @@ def _global_threshold(source: Source, layout: Layout, topk: TopK, buffer: torch.
         for chunk in chunks:
             whole.scan(values(*chunk), magnitudes=True)
         picked = whole.pick(rank)
+    source.release()
     return picked
 
 
@@ -201,16 +204,16 @@ def _slices(state: State, chunk: int) -> Iterator[tuple[int, State]]:
         yield start, piece if isinstance(state, list) else piece[0]
 
 
-def _majority(combiner: Combiner, state: State) -> tuple[int, int]:
+def _election(combiner: Combiner, state: State) -> tuple[int, int]:
     """The TIES majority over a state (or a slice of one), the sum of the elected signs, and how many of its
     entries are `undecided` (exact integers)."""
     assert combiner.elect is not None
     chunk = combiner.elect.chunk(_parts(state)[0].numel())
-    majority, ties = 0, 0
+    majority, undecided_count = 0, 0
     for _, piece in _slices(state, chunk):
         share, count = combiner.elect(piece).tolist()
-        majority, ties = majority + share, ties + count
-    return majority, ties
+        majority, undecided_count = majority + share, undecided_count + count
+    return majority, undecided_count
 
 
 def merge_steps(sources: Sequence[Source], method: MergeMethod, params: MergeParams = MergeParams(),
@@ -242,18 +245,19 @@ def _task_major(sources: Sequence[Source], plan: _Plan, every_step: bool) -> Ite
     buffer = torch.empty(plan.width(TASK_CHUNK))
     with prefaulted(_parts(state) + ([] if out is state else [out])):
         for t, threshold in enumerate(thresholds, start=1):
-            finishing, majority, ties = every_step or t == num_tasks, 0, 0
+            finishing, majority, undecided_count = every_step or t == num_tasks, 0, 0
             for begin, count, pieces in chunks:
                 part = _slice(state, begin, count)
                 rows = [plan.fetch(sources[t - 1], pieces, buffer[:count])]
                 _fold_checked(plan, part, rows, t == 1, pieces, range(t, t + 1), [threshold], sources,
                               out[begin:begin + count] if finishing else None)
                 if finishing and combiner.elect is not None:  # while the chunk is in cache
-                    share, tied = _majority(combiner, part)
-                    majority, ties = majority + share, ties + tied
+                    share, count_here = _election(combiner, part)
+                    majority, undecided_count = majority + share, undecided_count + count_here
+            sources[t - 1].release()
             if not finishing:
                 continue
-            if combiner.settle is not None and majority <= 0 and ties:
+            if combiner.settle is not None and majority <= 0 and undecided_count:
                 for begin, count, _ in chunks:
                     combiner.settle(_slice(state, begin, count), out[begin:begin + count])
             yield t, out
@@ -268,9 +272,9 @@ def _chunk_major(sources: Sequence[Source], plan: _Plan) -> Iterator[tuple[int, 
     size = max(ROWS // group, 1)
     size -= size % 1024 if size > 1024 else 0  # chunk starts on cache-line and vector boundaries
     merged = torch.empty(layout.total)
-    rows = torch.empty(group, plan.width(size))
+    rows = [torch.empty(plan.width(size)) for _ in range(group)]  # for chunks that are read, not mapped
     in_place = combiner.layout is None and combiner.finalize is None
-    scratch = None if in_place else plan.state(rows.shape[1], compact=False)
+    scratch = None if in_place else plan.state(plan.width(size), compact=False)
     majority, pending = 0, []
     with prefaulted([merged]):
         for begin, count, pieces in plan.chunks(size):
@@ -281,9 +285,9 @@ def _chunk_major(sources: Sequence[Source], plan: _Plan) -> Iterator[tuple[int, 
                 _fold_checked(plan, state, taken, low == 0, pieces, tasks, thresholds[low:low + group],
                               sources, merged[begin:begin + count] if tasks[-1] == num_tasks else None)
             if combiner.elect is not None:
-                share, ties = _majority(combiner, state)
+                share, undecided_count = _election(combiner, state)
                 majority += share
-                if ties:
+                if undecided_count:
                     index, values = undecided(state)
                     pending.append((index + begin, values))
     if majority <= 0:

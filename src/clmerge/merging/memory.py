@@ -1,30 +1,41 @@
-"""The operating-system side of the engine's memory, through the C library (Linux/glibc; elsewhere all three
-do nothing).
+"""The operating-system side of the engine's memory (Linux/glibc through ctypes; elsewhere these do nothing).
 
-- `prefaulted`: the first write to each 4 KiB page of a fresh block costs a page fault, 0.17-0.2 s per
-  345 MB task vector on the benchmark VM, as much as reading five task vectors.
-  `madvise(MADV_POPULATE_WRITE)` (Linux 5.14+) faults a range in without writing to it, and ctypes releases
-  the GIL around the call, so a second thread faults blocks in on another core while the merge runs. Pages
-  the merge reaches first fault as usual; no contents change either way.
-- `drop_pages`: the pages of a read-only file mapping that the merge has read count in its resident
-  memory until unmapped; `madvise(MADV_DONTNEED)` unmaps them (they stay in the page cache).
+- `prefaulted`: the first write to each page of a fresh block costs a page fault, 0.17-0.2 s per 345 MB
+  task vector on the benchmark VM, as much as reading five task vectors. `madvise(MADV_POPULATE_WRITE)`
+  (Linux 5.14+) faults a range in without writing to it, and ctypes releases the GIL around the call, so a
+  second thread faults blocks in on another core while the merge runs. Pages the merge reaches first fault
+  as usual; no contents change either way.
 - `release_freed_heap`: glibc keeps the heap memory that small allocations freed; `malloc_trim` hands it
   back.
+- `FOLIO`: the most one page fault of a file mapping maps at once (a PMD-sized page-cache folio), for
+  readers that drop the pages they have read (merging.reader).
 """
 
 from __future__ import annotations
 
 import ctypes
+import mmap
 import sys
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
 
-MADV_DONTNEED, MADV_POPULATE_WRITE = 4, 23  # linux/mman.h
-PAGE = 4096
+MADV_POPULATE_WRITE = 23  # linux/mman.h, the same on every Linux architecture
 SEGMENT = 64 << 20  # bytes faulted in per call, taken from each block in turn
+
+
+def _pmd_size() -> int:
+    """Bytes a PMD maps (2 MiB on x86-64 with 4 KiB pages), from the kernel where it says."""
+    try:
+        return int(Path("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size").read_text())
+    except (OSError, ValueError):
+        return 2 << 20
+
+
+FOLIO = _pmd_size()
 
 
 def _libc() -> Optional[ctypes.CDLL]:
@@ -55,38 +66,35 @@ def _pages(block: torch.Tensor) -> tuple[int, int]:
     """(first address, bytes) of the whole pages inside a contiguous block."""
     begin = block.data_ptr()
     end = begin + block.numel() * block.element_size()
-    first = -(-begin // PAGE) * PAGE
-    return first, max(0, end // PAGE * PAGE - first)
+    first = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE
+    return first, max(0, end // mmap.PAGESIZE * mmap.PAGESIZE - first)
 
 
-def _populate(blocks: Sequence[torch.Tensor]) -> None:
-    """Fault the blocks in, `SEGMENT` bytes of each in turn (the merge writes them side by side)."""
+def _populate(blocks: Sequence[torch.Tensor], stop: threading.Event) -> None:
+    """Fault the blocks in, `SEGMENT` bytes of each in turn (the merge writes them side by side), until done
+    or stopped."""
     assert _MADVISE is not None
     ranges = [_pages(block) for block in blocks]
     for offset in range(0, max(size for _, size in ranges), SEGMENT):
         for first, size in ranges:
+            if stop.is_set():
+                return
             if offset < size and _MADVISE(first + offset, min(SEGMENT, size - offset), MADV_POPULATE_WRITE):
                 return  # not supported here (Linux < 5.14): the merge faults its pages itself
 
 
-def drop_pages(first: int, end: int) -> None:
-    """Unmap the pages of a read-only file mapping between two addresses from this process (they stay in
-    the page cache; reading them again faults them back in)."""
-    if _MADVISE is not None:
-        begin = first // PAGE * PAGE
-        _MADVISE(begin, end - begin, MADV_DONTNEED)
-
-
 @contextmanager
 def prefaulted(blocks: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Fault fresh contiguous blocks in on a second thread while the body runs; waits for it on exit, so that
-    no block is freed under it."""
+    """Fault fresh contiguous blocks in on a second thread while the body runs. On exit the thread is told
+    to stop after its current segment and waited for, so that no block is freed under it."""
     if _MADVISE is None or not blocks:
         yield
         return
-    worker = threading.Thread(target=_populate, args=(list(blocks),), name="clmerge-prefault", daemon=True)
+    stop = threading.Event()
+    worker = threading.Thread(target=_populate, args=(list(blocks), stop), name="clmerge-prefault", daemon=True)
     worker.start()
     try:
         yield
     finally:
+        stop.set()
         worker.join()

@@ -1,11 +1,11 @@
 """Read safetensors files, and check that task vectors agree.
 
-The engine parses the header itself (8-byte little-endian length, JSON, then raw little-endian data). It
-takes runs of fp32 tensors that lie end to end as views of the file mapped read-only (`span`: no copy;
-the fold reads the page cache directly, faster than copying it out with `preadv`, docs/performance.md),
-and reads anything else (other dtypes, tensors out of order) with `preadv` into reusable buffers. The
-files are the store's hash-verified checkpoints, replaced only by rename, so a mapped file never shrinks
-under the merge.
+The engine parses the header itself (8-byte little-endian length, JSON, then raw little-endian data), and
+refuses a file shorter than its header says. It takes runs of fp32 tensors that lie end to end as views
+of the mapped file (`span`: no copy; the fold reads the page cache in place, faster than copying it out
+with `preadv`, docs/performance.md), and reads anything else (other dtypes, tensors out of order, a file
+that cannot be mapped) with `preadv` into reusable buffers. The engine's files are the store's
+hash-verified checkpoints, replaced only by rename, so a mapped file does not shrink under a merge.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -22,9 +21,8 @@ import torch
 
 from clmerge.errors import UserError
 from clmerge.merging.layout import Piece
-from clmerge.merging.memory import drop_pages
+from clmerge.merging.memory import FOLIO
 
-FOLIO = 2 << 20  # bytes: the largest page-cache folio one fault maps (a PMD on x86-64)
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
@@ -54,8 +52,16 @@ class TensorFile:
         except OSError as exc:
             raise UserError(f"cannot open {self.path} ({exc.strerror}); check the path") from None
         self.entries = self._parse_header()
-        self._words: Optional[torch.Tensor] = None  # the mapped file as fp32 words, once `span` maps it
-        self._held: Optional[tuple[int, int]] = None  # [first, end) addresses of the views given since the last drop
+        self._mapping = self._map()
+        self._held: Optional[tuple[int, int]] = None  # [first, end) bytes of the views given, not yet dropped
+
+    def _map(self) -> Optional[mmap.mmap]:
+        """The file mapped copy-on-write (never written; torch makes no tensor of a read-only buffer without a
+        warning); None where it cannot be mapped, and everything is read with `preadv`."""
+        try:
+            return mmap.mmap(self._handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError):
+            return None
 
     def _parse_header(self) -> dict[str, Entry]:
         head = self._handle.read(8)
@@ -72,6 +78,8 @@ class TensorFile:
             if info.get("dtype") not in DTYPES:
                 raise UserError(f"{self.path}: tensor {name} has unsupported dtype {info.get('dtype')}")
             begin, end = info["data_offsets"]
+            if 8 + size + end > os.fstat(self._handle.fileno()).st_size:
+                raise UserError(f"{self.path} is truncated (tensor {name}); rewrite it")
             entries[name] = Entry(DTYPES[info["dtype"]], tuple(info["shape"]), 8 + size + begin, end - begin)
         return dict(sorted(entries.items(), key=lambda item: item[1].start))  # file order: sequential reads
 
@@ -113,39 +121,38 @@ class TensorFile:
             self._pread(out[first.offset:first.offset + (end - start) // 4], start, first.name)
 
     def span(self, pieces: list[Piece], out: torch.Tensor, hold: int) -> torch.Tensor:
-        """The pieces as one flat fp32 tensor: a read-only view of the mapped file where they are fp32 and lie
-        end to end (aligned to 4 bytes), else read into `out` (`read_span`) and `out` itself.
+        """The pieces as one flat fp32 tensor: a view of the mapped file where they are fp32 and lie end to end,
+        else read into `out` (`read_span`) and `out` itself. Views are for reading only.
 
-        Once the views given since the last drop span `hold` bytes, their pages are dropped from the process
-        (madvise, about 30 us a call; they stay in the page cache and fault back in if read again), with the
-        folio in front of them that faulting them in mapped, so a mapped file adds about `hold` plus two folios
-        to the resident memory, not a vector."""
+        Once the views given since the last drop span `hold` bytes, their pages are dropped from this process
+        (they stay in the page cache and fault back in if read again; about 30 us a call), with the folio in
+        front of them that faulting them in mapped: a file keeps about `hold` plus a view and a folio mapped,
+        not the vector."""
         begin = position = self.entries[pieces[0].name].start + 4 * pieces[0].start
         for piece in pieces:
             entry = self.entries[piece.name]
             if entry.dtype != torch.float32 or entry.start + 4 * piece.start != position:
-                self.read_span(pieces, out)
-                return out
+                break
             position += 4 * piece.count
-        if begin % 4:
-            self.read_span(pieces, out)
-            return out
-        words = self._mapped()
-        if self._held is not None and self._held[1] - self._held[0] >= hold:
-            drop_pages(max(words.data_ptr(), self._held[0] - FOLIO), self._held[1])  # a fault maps a whole folio
-            self._held = None
-        view = words[begin // 4:position // 4]
-        first, end = view.data_ptr(), view.data_ptr() + 4 * view.numel()
-        self._held = (first, end) if self._held is None else (min(self._held[0], first), max(self._held[1], end))
-        return view
+        else:
+            if self._mapping is not None and begin % 4 == 0:  # fp32 at a 4-byte boundary
+                if self._held is not None and self._held[1] - self._held[0] >= hold:
+                    self.release()
+                self._held = (begin, position) if self._held is None else (min(self._held[0], begin),
+                                                                           max(self._held[1], position))
+                # a tensor of its own over the bytes (storage offset 0: compiled kernels need no new variant)
+                return torch.frombuffer(self._mapping, dtype=torch.float32, count=(position - begin) // 4,
+                                        offset=begin)
+        self.read_span(pieces, out)
+        return out
 
-    def _mapped(self) -> torch.Tensor:
-        if self._words is None:
-            mapping = mmap.mmap(self._handle.fileno(), 0, access=mmap.ACCESS_READ)
-            with warnings.catch_warnings():  # torch warns that a read-only buffer gives a writable tensor
-                warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
-                self._words = torch.frombuffer(mapping, dtype=torch.float32, count=len(mapping) // 4)
-        return self._words
+    def release(self) -> None:
+        """Drop the pages of the views given since the last drop from this process (madvise DONTNEED), from a
+        folio before them: a fault maps a whole folio."""
+        if self._held is not None and self._mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+            start = max(0, self._held[0] - FOLIO) // mmap.PAGESIZE * mmap.PAGESIZE
+            self._mapping.madvise(mmap.MADV_DONTNEED, start, self._held[1] - start)
+        self._held = None
 
     def read(self, name: str) -> torch.Tensor:
         """Tensor `name` in a fresh buffer."""
@@ -154,7 +161,7 @@ class TensorFile:
 
     def close(self) -> None:
         """Close the file; the mapping goes with the last view of it."""
-        self._words, self._held = None, None
+        self._mapping, self._held = None, None
         self._handle.close()
 
     def __enter__(self) -> "TensorFile":

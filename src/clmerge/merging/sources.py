@@ -39,13 +39,12 @@ class MemoryVector:
                 self.tensors[piece.name].reshape(-1)[piece.start:piece.start + piece.count])
 
     def span(self, pieces: list[Piece], out: torch.Tensor, hold: int) -> torch.Tensor:
-        """The pieces as one flat fp32 tensor: a view where they are one fp32 tensor's entries, else copied
-        into `out` and `out` itself (`hold`: as for files; nothing is mapped here)."""
-        tensor = self.tensors[pieces[0].name]
-        if len(pieces) == 1 and tensor.dtype == torch.float32 and tensor.is_contiguous():
-            return tensor.view(-1)[pieces[0].start:pieces[0].start + pieces[0].count]
+        """The pieces copied into the flat fp32 `out`, and `out` (`hold`: as for files; nothing is mapped)."""
         self.read_span(pieces, out)
         return out
+
+    def release(self) -> None:
+        """Nothing is mapped."""
 
     def close(self) -> None:
         """Nothing to release."""
