@@ -3,10 +3,11 @@
 Before the table, each method runs once on 2 tasks (its first call compiles the fused kernels, from
 torch's on-disk cache after the first run ever), and once untimed at each T (the final-only kernel folds
 all T tasks per call and is compiled per task count). For each T it prints, in one process and side by side:
-the time to read the T task-vector files once (the baseline: one thread, the engine's preadv into a reused
-buffer), each method's final-only and all-steps merge time with ratios to the read, the peak
-resident memory above the process's baseline (sampled every 2 ms), and a reference-style in-memory
-implementation (load every task vector, stack, reduce; re-merge from scratch for every step).
+the time to read the T task-vector files once (the baseline: one thread, `preadv` of every tensor into a
+reused buffer), each method's final-only and all-steps merge time with ratios to the read, the peak
+resident memory above the process's baseline (sampled every 2 ms; in all, and anonymous only: the engine's
+mapped task-vector pages are page cache), and a reference-style in-memory implementation (load every task
+vector, stack, reduce; re-merge from scratch for every step).
 
     .venv/bin/python benchmarks/merge_bench.py --tasks 5,10,20 --threads 1
 
@@ -38,13 +39,16 @@ PAGE = resource.getpagesize()
 MB = 1e6
 
 
-def rss() -> int:
+def rss() -> tuple[int, int]:
+    """(resident bytes, of which anonymous: resident minus the file-backed and shared pages)."""
     with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * PAGE
+        fields = handle.read().split()
+    return int(fields[1]) * PAGE, (int(fields[1]) - int(fields[2])) * PAGE
 
 
 class PeakRSS:
-    """Peak resident memory while the block runs, above the resident memory when it starts."""
+    """Peak resident memory while the block runs, in all and anonymous only (the mapped task-vector pages
+    are page cache, shared and reclaimable), above the resident memory when it starts."""
 
     def __enter__(self) -> "PeakRSS":
         self.start = self.peak = rss()
@@ -55,16 +59,20 @@ class PeakRSS:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.002):
-            self.peak = max(self.peak, rss())
+            self._update()
+
+    def _update(self) -> None:
+        now = rss()
+        self.peak = (max(self.peak[0], now[0]), max(self.peak[1], now[1]))
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rss())
+        self._update()
 
     @property
-    def above(self) -> float:
-        return (self.peak - self.start) / MB
+    def above(self) -> tuple[float, float]:
+        return (self.peak[0] - self.start[0]) / MB, (self.peak[1] - self.start[1]) / MB
 
 
 def visual_shapes() -> tuple[dict[str, torch.Size], int]:
@@ -118,17 +126,18 @@ def reference_style(paths: list[Path], method: str, every_step: bool) -> None:
         del merged
 
 
-def timed(action: Callable[[], None], repeat: int) -> tuple[float, float]:
-    """Best wall time of `repeat` runs, and the largest peak memory above the start (MB)."""
-    best, peak = float("inf"), 0.0
+def timed(action: Callable[[], None], repeat: int) -> tuple[float, float, float]:
+    """Best wall time of `repeat` runs, and the largest peak memory above the start (MB), in all and
+    anonymous only."""
+    best, peak, anon = float("inf"), 0.0, 0.0
     for _ in range(repeat):
         release_freed_heap()  # glibc keeps freed heap memory: RSS growth then measures real use
         with PeakRSS() as memory:
             start = time.perf_counter()
             action()
             best = min(best, time.perf_counter() - start)
-        peak = max(peak, memory.above)
-    return best, peak
+        peak, anon = max(peak, memory.above[0]), max(anon, memory.above[1])
+    return best, peak, anon
 
 
 def main() -> None:
@@ -159,30 +168,31 @@ def main() -> None:
             print(f"first call of {method} (compiles its kernels, mode {kernels.mode()}): "
                   f"{time.perf_counter() - start:.1f} s")
         header = f"{'T':>3} {'what':<22} {'final s':>8} {'x read':>7} {'steps s':>8} {'steps/final':>11} " \
-                 f"{'peak MB':>8} {'x V':>5}"
+                 f"{'peak MB':>8} {'x V':>5} {'anon MB':>8}"
         print(header)
         for count in counts:
             subset = paths[:count]
             read_once(subset)  # warm the page cache
-            read_s, read_mb = timed(lambda: read_once(subset), args.repeat)
+            read_s, read_mb, read_anon = timed(lambda: read_once(subset), args.repeat)
             print(f"{count:>3} {'read files once':<22} {read_s:>8.3f} {1:>7.2f} {'':>8} {'':>11} {read_mb:>8.0f} "
-                  f"{read_mb / vector_mb:>5.2f}")
+                  f"{read_mb / vector_mb:>5.2f} {read_anon:>8.0f}")
             for method in args.methods.split(","):
                 for every_step in (False, True):  # untimed: compiles the kernel for this T's row count
                     engine(subset, method, params, every_step)
-                final_s, final_mb = timed(lambda: engine(subset, method, params, False), args.repeat)
-                steps_s, steps_mb = timed(lambda: engine(subset, method, params, True), args.repeat)
+                final_s, final_mb, final_anon = timed(lambda: engine(subset, method, params, False), args.repeat)
+                steps_s, steps_mb, steps_anon = timed(lambda: engine(subset, method, params, True), args.repeat)
                 peak = max(final_mb, steps_mb)
                 print(f"{count:>3} {method:<22} {final_s:>8.3f} {final_s / read_s:>7.2f} {steps_s:>8.3f} "
-                      f"{steps_s / final_s:>11.2f} {peak:>8.0f} {peak / vector_mb:>5.2f}")
+                      f"{steps_s / final_s:>11.2f} {peak:>8.0f} {peak / vector_mb:>5.2f} "
+                      f"{max(final_anon, steps_anon):>8.0f}")
                 if method in args.reference.split(","):
-                    ref_final, ref_final_mb = timed(lambda: reference_style(subset, method, False), 1)
-                    ref_steps, ref_steps_mb = timed(lambda: reference_style(subset, method, True), 1)
+                    ref_final, ref_final_mb, ref_final_anon = timed(lambda: reference_style(subset, method, False), 1)
+                    ref_steps, ref_steps_mb, ref_steps_anon = timed(lambda: reference_style(subset, method, True), 1)
                     ref_peak = max(ref_final_mb, ref_steps_mb)
                     print(f"{count:>3} {'  reference-style':<22} {ref_final:>8.3f} {ref_final / read_s:>7.2f} "
                           f"{ref_steps:>8.3f} {ref_steps / ref_final:>11.2f} {ref_peak:>8.0f} "
-                          f"{ref_peak / vector_mb:>5.2f}   engine is {ref_steps / steps_s:.1f}x faster "
-                          f"(all steps), {ref_peak / max(peak, 1):.1f}x less memory")
+                          f"{ref_peak / vector_mb:>5.2f} {max(ref_final_anon, ref_steps_anon):>8.0f}   engine is "
+                          f"{ref_steps / steps_s:.1f}x faster (all steps), {ref_peak / max(peak, 1):.1f}x less memory")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -50,7 +50,7 @@ SAMPLE_BLOCKS, BLOCK = 1024, 256  # global-threshold sample: about this many blo
 ROWS = 1 << 21  # final only: entries per chunk of all the tasks of a group together (8 MB)
 GROUP = 16  # final only: tasks per fold call at most (the kernel is compiled once per row count)
 TASK_CHUNK = 1 << 20  # all steps: entries per chunk (4 MB)
-MAPPED = 32 << 20  # bytes of mapped task-vector pages all the files together keep before dropping them
+MAPPED = 32 << 20  # bytes of mapped task-vector pages the files being read keep, together, before dropping them
 SMALL_MERGE = 1 << 25  # entries x tasks below which compiling costs more than it saves: eager-sized chunks
 
 
@@ -102,14 +102,13 @@ def _thresholds(sources: Sequence[Source], layout: Layout, topk: Optional[Sparsi
     with its own buffer. The scans' freed buffers are then handed back to the OS."""
     if not (isinstance(topk, TopK) and topk.scope == "global"):
         return [None for _ in sources]
-    local = threading.local()
+    local, workers = threading.local(), torch.get_num_threads()
 
     def scan(source: Source) -> Optional[float]:
         if not hasattr(local, "buffer"):
             local.buffer = torch.empty(width)
-        return _global_threshold(source, layout, topk, local.buffer, MAPPED // len(sources))
+        return _global_threshold(source, layout, topk, local.buffer, MAPPED // workers)
 
-    workers = torch.get_num_threads()
     if workers == 1:
         found = [scan(source) for source in sources]
     else:
@@ -136,13 +135,14 @@ class _Plan:
         return [(begin, count, self.layout.pieces(begin, count))
                 for begin, count in self.layout.chunks(None if self.whole else min(size, self.cap), self.within)]
 
-    def fetch(self, source: Source, pieces: list[Piece], out: torch.Tensor) -> torch.Tensor:
-        """The pieces of one task vector as a flat row: a view of the source where it can give one (no copy),
-        else read into `out`; always `out` for whole-tensor sparsifiers, which rewrite their rows in place."""
+    def fetch(self, source: Source, pieces: list[Piece], out: torch.Tensor, hold: int) -> torch.Tensor:
+        """The pieces of one task vector as a flat row: a view of the source where it can give one (no copy;
+        `hold`: see `TensorFile.span`), else read into `out`; always `out` for whole-tensor sparsifiers, which
+        rewrite their rows in place."""
         if self.whole:
             source.read_span(pieces, out)
             return out
-        return source.span(pieces, out, MAPPED // self.num_tasks)
+        return source.span(pieces, out, hold)
 
     def width(self, size: int) -> int:
         """The largest chunk `chunks(size)` cuts."""
@@ -248,7 +248,7 @@ def _task_major(sources: Sequence[Source], plan: _Plan, every_step: bool) -> Ite
             finishing, majority, undecided_count = every_step or t == num_tasks, 0, 0
             for begin, count, pieces in chunks:
                 part = _slice(state, begin, count)
-                rows = [plan.fetch(sources[t - 1], pieces, buffer[:count])]
+                rows = [plan.fetch(sources[t - 1], pieces, buffer[:count], MAPPED)]  # one file at a time
                 _fold_checked(plan, part, rows, t == 1, pieces, range(t, t + 1), [threshold], sources,
                               out[begin:begin + count] if finishing else None)
                 if finishing and combiner.elect is not None:  # while the chunk is in cache
@@ -281,7 +281,8 @@ def _chunk_major(sources: Sequence[Source], plan: _Plan) -> Iterator[tuple[int, 
             state = merged[begin:begin + count] if in_place else _slice(scratch, 0, count)
             for low in range(0, num_tasks, group):
                 tasks = range(low + 1, min(low + group, num_tasks) + 1)
-                taken = [plan.fetch(sources[t - 1], pieces, row[:count]) for row, t in zip(rows, tasks)]
+                taken = [plan.fetch(sources[t - 1], pieces, row[:count], MAPPED // num_tasks)
+                         for row, t in zip(rows, tasks)]
                 _fold_checked(plan, state, taken, low == 0, pieces, tasks, thresholds[low:low + group],
                               sources, merged[begin:begin + count] if tasks[-1] == num_tasks else None)
             if combiner.elect is not None:
