@@ -73,12 +73,12 @@ class TensorFile:
         if not isinstance(header, dict):
             raise UserError(f"{self.path} is not a safetensors file; pass a file written by clmerge or safetensors")
         header.pop("__metadata__", None)
-        entries = {}
+        entries, file_size = {}, os.fstat(self._handle.fileno()).st_size
         for name, info in header.items():
             if info.get("dtype") not in DTYPES:
                 raise UserError(f"{self.path}: tensor {name} has unsupported dtype {info.get('dtype')}")
             begin, end = info["data_offsets"]
-            if 8 + size + end > os.fstat(self._handle.fileno()).st_size:
+            if 8 + size + end > file_size:
                 raise UserError(f"{self.path} is truncated (tensor {name}); rewrite it")
             entries[name] = Entry(DTYPES[info["dtype"]], tuple(info["shape"]), 8 + size + begin, end - begin)
         return dict(sorted(entries.items(), key=lambda item: item[1].start))  # file order: sequential reads
