@@ -176,12 +176,17 @@ def disjoint_update(state: list[torch.Tensor], tau: torch.Tensor) -> None:
     n_negative.copy_(n_negative.float() + (tau < 0).float())
 
 
+def _tied(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """Where s = sign(S+ + S-) = 0 and the two candidates differ (S- != 0): the entries whose value the
+    global majority decides."""
+    return (positive + negative == 0) & (negative != 0)
+
+
 def disjoint_majority(state: list[torch.Tensor]) -> torch.Tensor:
     """This slice's share of the global majority sign, sum_e sign(S+ + S-), and how many of its entries are
     `undecided` (an int64 pair, exact; one pass)."""
-    elected = state[0] + state[1]
-    return torch.stack([torch.sign(elected).sum(dtype=torch.int64),
-                        ((elected == 0) & (state[1] != 0)).sum(dtype=torch.int64)])
+    return torch.stack([torch.sign(state[0] + state[1]).sum(dtype=torch.int64),
+                        _tied(state[0], state[1]).sum(dtype=torch.int64)])
 
 
 def mean_finalize(state: torch.Tensor, t: int, out: torch.Tensor) -> None:
@@ -202,14 +207,14 @@ def disjoint_negatives(state: list[torch.Tensor], out: torch.Tensor) -> None:
     """The `undecided` entries of a finalized `out` set to their negative candidate S- / max(C-, 1) in place,
     elementwise (no index list): for a whole-vector state once its majority turns out not positive."""
     positive, negative, _, n_negative = state
-    out.copy_(torch.where((positive + negative == 0) & (negative != 0), negative / n_negative.clamp_min(1), out))
+    out.copy_(torch.where(_tied(positive, negative), negative / n_negative.clamp_min(1), out))
 
 
 def undecided(state: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where s = 0 and the two candidates differ (S- != 0), as flat indices, with S- / max(C-, 1) there: the
-    entries to overwrite once the whole vector's majority turns out not positive."""
+    """The `_tied` entries as flat indices, with S- / max(C-, 1) there: the entries to overwrite once the
+    whole vector's majority turns out not positive."""
     positive, negative, _, n_negative = (part.reshape(-1) for part in state)
-    index = ((positive + negative == 0) & (negative != 0)).nonzero().squeeze(1)
+    index = _tied(positive, negative).nonzero().squeeze(1)
     return index, negative[index] / n_negative[index].clamp_min(1)
 
 
