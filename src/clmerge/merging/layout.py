@@ -18,6 +18,15 @@ from typing import Iterator, Optional
 import torch
 
 
+def _balanced(entries: int, size: int) -> int:
+    """The chunk length that cuts `entries` into the fewest chunks of at most `size`, as equal as 1024-entry
+    alignment allows."""
+    if entries <= size:
+        return entries
+    step = -(-entries // -(-entries // size))
+    return min(size, -(-step // 1024) * 1024) if size >= 1024 else step
+
+
 @dataclass(frozen=True)
 class Piece:
     """Entries [start, start + count) of tensor `name`, at `offset` within a chunk."""
@@ -54,13 +63,15 @@ class Layout:
 
     def chunks(self, size: Optional[int], within_tensors: bool) -> Iterator[tuple[int, int]]:
         """(begin, count) chunks covering every entry: `size` entries each (None: whole tensors), crossing
-        tensor boundaries unless `within_tensors`."""
+        tensor boundaries unless `within_tensors`. Within tensors, a tensor is cut into equal chunks of at
+        most `size` (1024-aligned where it is larger than that): no small remainder that would fall below
+        the size kernels compile for."""
         if not within_tensors:
             assert size is not None
             yield from ((begin, min(size, self.total - begin)) for begin in range(0, self.total, size))
             return
         for start, entries in zip(self.starts, self.sizes):
-            step = entries if size is None else size
+            step = entries if size is None else _balanced(entries, size)
             yield from ((start + offset, min(step, entries - offset)) for offset in range(0, entries, step))
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
