@@ -13,7 +13,7 @@ from clmerge.errors import UserError
 from clmerge.merging.diagnostics import diagnostics, layer_of
 from clmerge.merging.engine import merge_final, merge_steps
 from clmerge.merging.methods import METHODS, MergeParams, get_method
-from clmerge.merging.select import kth_smallest
+from clmerge.merging.select import kth_smallest_magnitude
 from clmerge.merging.sources import open_sources
 
 Vector = dict[str, torch.Tensor]
@@ -87,12 +87,15 @@ def test_global_threshold_on_a_large_vector_is_exact(k: float) -> None:
         assert torch.equal(merged[name], torch.where(tensor.abs() >= thr, tensor, 0.0))
 
 
-def test_kth_smallest_is_exact_with_duplicates_and_skew() -> None:
+def test_kth_smallest_magnitude_is_exact_with_duplicates_and_skew() -> None:
     g = torch.Generator().manual_seed(0)
     values = torch.cat([torch.zeros(50_000), torch.rand(100_000, generator=g).pow(8), torch.full((30_000,), 0.25)])
     values = values[torch.randperm(values.numel(), generator=g)]
-    for rank in (1, 49_999, 50_001, 120_000, 150_001, 179_999, 180_000):
-        assert kth_smallest(values, rank) == float(values.kthvalue(rank).values)
+    signed = torch.where(torch.rand(values.numel(), generator=g) < 0.5, -values, values)
+    for dtype in (torch.float32, torch.bfloat16):  # numba's scan, torch's
+        for rank in (1, 49_999, 50_001, 120_000, 150_001, 179_999, 180_000):
+            expected = float(values.to(dtype).kthvalue(rank).values)
+            assert kth_smallest_magnitude(signed.to(dtype), rank) == expected
 
 
 def test_integer_and_boolean_buffers_pass_through_untouched(tmp_path: Path) -> None:

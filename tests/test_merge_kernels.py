@@ -89,24 +89,22 @@ def test_random_mix_follows_its_documented_hash_exactly(monkeypatch: pytest.Monk
     assert METHODS["random_mix"].key_params(MergeParams(seed=11)) == {"seed": 11, "draws": "hash32"}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # numpy's gather, torch's
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])  # numba's scan, numba's, torch's
 @pytest.mark.parametrize("lo, hi", [(0.25, 0.75), (None, 0.5), (0.0, None), (None, None)])
-def test_the_fused_threshold_scan_counts_and_keeps_what_the_eager_one_does(monkeypatch: pytest.MonkeyPatch,
-                                                                          lo, hi, dtype: torch.dtype) -> None:
+def test_the_threshold_scan_counts_and_keeps_what_comparisons_select(monkeypatch: pytest.MonkeyPatch,
+                                                                     lo, hi, dtype: torch.dtype) -> None:
     values = (torch.randint(-8, 9, (70_000,), generator=torch.Generator().manual_seed(1)).float() / 8).to(dtype)
     values[:100] = -0.0  # zeros of both signs sit on a bracket edge at lo = 0
-    found = {}
-    for mode in ("never", "always"):
+    values[100:110] = torch.nan  # neither below nor kept
+    magnitudes = values.abs()
+    inside = (magnitudes >= (-torch.inf if lo is None else lo)) & (magnitudes <= (torch.inf if hi is None else hi))
+    below = int((magnitudes < (-torch.inf if lo is None else lo)).sum())
+    for mode in ("never", "always"):  # torch's eager and fused kernels; numba's scan takes fp32 and fp64 in both
         monkeypatch.setenv("CLMERGE_COMPILE", mode)
-        for magnitudes in (False, True):
-            scanned = select.Bracket(lo, hi)
-            scanned.scan(values, magnitudes)
-            found[mode, magnitudes] = (scanned.below, torch.cat(scanned.candidates))
+        monkeypatch.setattr(select, "SCAN_CHUNK", 4096)  # the compiled scan's chunks, and one short one
+        scanned = select.Bracket(lo, hi)
+        scanned.scan(values)
+        kept = torch.cat(scanned.candidates)
+        assert scanned.below == below
+        assert kept.dtype == dtype and torch.equal(kept, magnitudes[inside]) and not kept.signbit().any()
     assert kernels._broken is None
-    for magnitudes in (False, True):
-        checked = values.abs() if magnitudes else values
-        inside = (checked >= (-torch.inf if lo is None else lo)) & (checked <= (torch.inf if hi is None else hi))
-        for mode in ("never", "always"):
-            below, kept = found[mode, magnitudes]
-            assert below == int((checked < (-torch.inf if lo is None else lo)).sum())
-            assert torch.equal(kept, checked[inside]) and kept.signbit().equal(checked[inside].signbit())

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -60,11 +61,22 @@ def check_finite(vector: Tensors, where: str) -> None:
         check_finite_tensor(tensor, where, name)
 
 
-def _global_threshold(source: Source, layout: Layout, topk: TopK, buffer: torch.Tensor, hold: int
-                      ) -> Optional[float]:
+def _sample_pieces(layout: Layout) -> list[Piece]:
+    """The pieces of `SAMPLE_BLOCKS` evenly spaced blocks of `BLOCK` entries (fewer if the vector is short),
+    laid end to end: the sample that brackets a global threshold."""
+    length = min(layout.total, BLOCK)
+    pieces = []
+    for i in range(SAMPLE_BLOCKS):
+        start = (layout.total - length) * i // (SAMPLE_BLOCKS - 1)
+        pieces += [replace(piece, offset=piece.offset + i * length) for piece in layout.pieces(start, length)]
+    return pieces
+
+
+def _global_threshold(source: Source, layout: Layout, topk: TopK, sample: list[Piece], buffer: torch.Tensor,
+                      hold: int) -> Optional[float]:
     """thr of one task vector over all its floating tensors (None: keep everything), exact; read chunk by
-    chunk (views of the file, or copies into `buffer`; `hold`: see `TensorFile.span`). The sample's small
-    blocks are copied: a view would map a whole folio for each."""
+    chunk (views of the file, or copies into `buffer`; `hold`: see `TensorFile.span`). The `sample` pieces
+    are copied (with one read per block): a view would map a whole folio for each."""
     rank = topk.rank(layout.total)
     if rank < 1:
         return None
@@ -72,23 +84,19 @@ def _global_threshold(source: Source, layout: Layout, topk: TopK, buffer: torch.
     def values(begin: int, count: int) -> torch.Tensor:
         return source.span(layout.pieces(begin, count), buffer[:count], hold)
 
-    def block(begin: int, count: int) -> torch.Tensor:
-        source.read_span(layout.pieces(begin, count), buffer[:count])
-        return buffer[:count].abs()
-
     chunks = list(layout.chunks(buffer.numel(), within_tensors=False))
     if layout.total <= DIRECT:
         return float(torch.cat([values(*chunk).abs() for chunk in chunks]).kthvalue(rank).values)
-    length = min(layout.total, BLOCK)
-    starts = ((layout.total - length) * i // (SAMPLE_BLOCKS - 1) for i in range(SAMPLE_BLOCKS))
-    found = bracket(torch.cat([block(start, length) for start in starts]), rank, layout.total)
+    size = sample[-1].offset + sample[-1].count
+    source.read_span(sample, buffer[:size])
+    found = bracket(buffer[:size].abs(), rank, layout.total)
     for chunk in chunks:
-        found.scan(values(*chunk), magnitudes=True)
+        found.scan(values(*chunk))
     picked = found.pick(rank)
     if picked is None:  # unlucky sample: exact fallback over the whole vector
         whole = Bracket(None, None)
         for chunk in chunks:
-            whole.scan(values(*chunk), magnitudes=True)
+            whole.scan(values(*chunk))
         picked = whole.pick(rank)
     source.release()
     return picked
@@ -103,11 +111,12 @@ def _thresholds(sources: Sequence[Source], layout: Layout, topk: Optional[Sparsi
     if not (isinstance(topk, TopK) and topk.scope == "global"):
         return [None for _ in sources]
     local, workers = threading.local(), torch.get_num_threads()
+    sample = _sample_pieces(layout) if layout.total > DIRECT else []
 
     def scan(source: Source) -> Optional[float]:
         if not hasattr(local, "buffer"):
-            local.buffer = torch.empty(width)
-        return _global_threshold(source, layout, topk, local.buffer, MAPPED // workers)
+            local.buffer = torch.empty(max(width, SAMPLE_BLOCKS * BLOCK))
+        return _global_threshold(source, layout, topk, sample, local.buffer, MAPPED // workers)
 
     if workers == 1:
         found = [scan(source) for source in sources]

@@ -18,7 +18,7 @@ import torch
 
 from clmerge.data.registry import derived_seed
 from clmerge.merging.kernels import Kernel
-from clmerge.merging.select import kth_smallest
+from clmerge.merging.select import kth_smallest_magnitude
 
 State = Any  # a tensor, or a list of tensors (TIES)
 HALF = 0x7FFFFFFF  # random mix keys are fed to int32 arithmetic 31 bits at a time
@@ -71,7 +71,7 @@ class TopK:
     def tensor_threshold(self, tau: torch.Tensor) -> Optional[float]:
         """thr of one tensor on its own (scope `tensor`); None keeps everything."""
         rank = self.rank(tau.numel())
-        return kth_smallest(tau.abs(), rank) if rank >= 1 else None
+        return kth_smallest_magnitude(tau, rank) if rank >= 1 else None
 
     def __call__(self, tau: torch.Tensor, step: Step) -> torch.Tensor:
         """Trim with the threshold of the scope, which the engine puts in `step.threshold`."""

@@ -94,7 +94,11 @@ class TensorFile:
 
     def _pread(self, view: torch.Tensor, offset: int, name: str) -> None:
         """Fill the contiguous `view` with the bytes at `offset`."""
-        raw, done = memoryview(view.view(torch.uint8).numpy()), 0
+        self._pread_bytes(memoryview(view.view(torch.uint8).numpy()), offset, name)
+
+    def _pread_bytes(self, raw: memoryview, offset: int, name: str) -> None:
+        """Fill the bytes `raw` with the bytes at `offset`."""
+        done = 0
         while done < len(raw):  # Linux reads at most ~2 GB per call
             got = os.preadv(self._handle.fileno(), [raw[done:]], offset + done)
             if got <= 0:
@@ -117,8 +121,10 @@ class TensorFile:
                 runs[-1][1] += 4 * piece.count
             else:
                 runs.append([start, start + 4 * piece.count, piece])
-        for start, end, first in runs:
-            self._pread(out[first.offset:first.offset + (end - start) // 4], start, first.name)
+        if runs:
+            raw = memoryview(out.view(torch.uint8).numpy())  # one buffer object for all the runs
+            for start, end, first in runs:
+                self._pread_bytes(raw[4 * first.offset:4 * first.offset + end - start], start, first.name)
 
     def span(self, pieces: list[Piece], out: torch.Tensor, hold: int) -> torch.Tensor:
         """The pieces as one flat fp32 tensor: a view of the mapped file where they are fp32 and lie end to end,

@@ -19,7 +19,7 @@ import torch
 from clmerge.config import PamConfig
 from clmerge.errors import UserError
 from clmerge.merging.diagnostics import layer_of
-from clmerge.merging.select import kth_smallest
+from clmerge.merging.select import kth_smallest_magnitude
 
 Tensors = dict[str, torch.Tensor]
 
@@ -36,22 +36,22 @@ def check_pam(cfg: PamConfig) -> None:
             raise UserError(f"finetune.pam.{name}={value} is not valid; use {' or '.join(valid)}")
 
 
-def _threshold(magnitudes: torch.Tensor, p: float) -> Optional[float]:
-    """The ceil(p N)-th largest of N magnitudes (None: the mask is empty)."""
-    keep = math.ceil(p * magnitudes.numel())
+def _threshold(values: torch.Tensor, p: float) -> Optional[float]:
+    """The ceil(p N)-th largest of N |values| (None: the mask is empty)."""
+    keep = math.ceil(p * values.numel())
     if keep < 1:
         return None
-    return kth_smallest(magnitudes, magnitudes.numel() - keep + 1)
+    return kth_smallest_magnitude(values, values.numel() - keep + 1)
 
 
 def top_masks(phi: Tensors, p: float, scope: str) -> Tensors:
     """M_k = |phi_k| >= the ceil(p N)-th largest |phi| of the scope (one tensor, or every tensor together);
     ties at the threshold are kept; p = 0 gives empty masks, p = 1 full ones."""
     if scope == "global":
-        threshold = _threshold(torch.cat([v.abs().reshape(-1) for v in phi.values()]), p)
+        threshold = _threshold(torch.cat([v.reshape(-1) for v in phi.values()]), p)
         thresholds = {key: threshold for key in phi}
     else:
-        thresholds = {key: _threshold(v.abs().reshape(-1), p) for key, v in phi.items()}
+        thresholds = {key: _threshold(v, p) for key, v in phi.items()}
     return {key: (torch.zeros_like(v, dtype=torch.bool) if thresholds[key] is None else v.abs() >= thresholds[key])
             for key, v in phi.items()}
 
