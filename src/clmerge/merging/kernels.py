@@ -21,7 +21,7 @@ import torch
 log = logging.getLogger(__name__)
 MIN_ENTRIES = 1 << 17  # smaller calls run eagerly (the small tensors of the tests, the world model)
 EAGER_CHUNK = 1 << 16  # entries per eager call: the temporaries of unfused ops stay in the L2 cache
-FUSED_CHUNK = 1 << 18  # entries per fused call of the slice-by-slice kernels (threshold scan, majority)
+FUSED_CHUNK = 1 << 20  # entries per fused call of the slice-by-slice kernels (torch's threshold scan, majority)
 RECOMPILE_LIMIT = 256  # compiled variants of all kernels together
 MODES = ("auto", "always", "never")
 _broken: Optional[str] = None  # why compiling failed, once it has

@@ -184,9 +184,10 @@ def _tied(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
 
 def disjoint_majority(state: list[torch.Tensor]) -> torch.Tensor:
     """This slice's share of the global majority sign, sum_e sign(S+ + S-), and how many of its entries are
-    `undecided` (an int64 pair, exact; one pass)."""
-    return torch.stack([torch.sign(state[0] + state[1]).sum(dtype=torch.int64),
-                        _tied(state[0], state[1]).sum(dtype=torch.int64)])
+    `undecided` (an int32 pair, exact for slices under 2**31 entries; one pass). int32, not int64: AVX2 has
+    no float-to-int64 conversion, and the int64 sums took 3x as long."""
+    return torch.stack([torch.sign(state[0] + state[1]).to(torch.int32).sum(dtype=torch.int32),
+                        _tied(state[0], state[1]).to(torch.int32).sum(dtype=torch.int32)])
 
 
 def mean_finalize(state: torch.Tensor, t: int, out: torch.Tensor) -> None:
