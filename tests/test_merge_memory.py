@@ -7,15 +7,20 @@ import mmap
 import platform
 import re
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from clmerge.merging import engine, memory
+from clmerge.merging.engine import merge_steps
 from clmerge.merging.layout import Layout
-from clmerge.merging.memory import prefaulted
+from clmerge.merging.memory import prefaulted, sharing_cores
+from clmerge.merging.methods import METHODS
 from clmerge.merging.reader import TensorFile
+from clmerge.merging.sources import open_sources
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc are Linux's")
 MB = 1 << 20
@@ -43,6 +48,53 @@ def test_prefaulted_blocks_are_resident_after_and_keep_their_contents() -> None:
         pass
     assert resident("RssAnon") - before >= 60 * MB  # the fresh 64 MB block (mapped, never written) is in memory
     assert torch.equal(written, torch.arange(4 * MB, dtype=torch.float32))
+
+
+def test_folds_leave_a_core_to_a_running_prefault_thread_and_get_it_back() -> None:
+    threads, release = torch.get_num_threads(), threading.Event()
+    running = threading.Thread(target=release.wait)
+    finished = threading.Thread(target=lambda: None)
+    finished.start()
+    finished.join()
+    running.start()
+    try:
+        torch.set_num_threads(3)
+        with sharing_cores(running):
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 3
+        with pytest.raises(RuntimeError), sharing_cores(running):  # given back when the body fails too
+            raise RuntimeError("fold failed")
+        assert torch.get_num_threads() == 3
+        for worker in (finished, None):  # nothing to share with
+            with sharing_cores(worker):
+                assert torch.get_num_threads() == 3
+        torch.set_num_threads(1)
+        with sharing_cores(running):  # one thread is never taken away
+            assert torch.get_num_threads() == 1
+    finally:
+        release.set()
+        running.join()
+        torch.set_num_threads(threads)
+
+
+def test_merges_fold_on_one_thread_fewer_while_prefaulting_and_yield_with_all(monkeypatch: pytest.MonkeyPatch
+                                                                           ) -> None:
+    monkeypatch.setattr(memory, "_populate", lambda blocks, stop: stop.wait())  # faulting until the merge ends
+    folds: list[int] = []
+    fold = engine._fold_checked
+    monkeypatch.setattr(engine, "_fold_checked", lambda *args: (folds.append(torch.get_num_threads()), fold(*args)))
+    vectors = [{"w": torch.randn(4096, generator=torch.Generator().manual_seed(t))} for t in range(3)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        for name in ("magmax", "ties"):
+            for every_step in (True, False):
+                folds.clear()
+                steps = merge_steps(open_sources(vectors), METHODS[name], every_step=every_step)
+                assert [torch.get_num_threads() for _ in steps] == ([3, 3, 3] if every_step else [3])
+                assert folds and set(folds) == {2}
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_mapped_pages_are_dropped_as_the_spans_move_on(tmp_path: Path) -> None:

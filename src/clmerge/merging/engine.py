@@ -39,7 +39,7 @@ import torch
 from clmerge.errors import UserError
 from clmerge.merging.kernels import MIN_ENTRIES
 from clmerge.merging.layout import Layout, Piece
-from clmerge.merging.memory import prefaulted, release_freed_heap
+from clmerge.merging.memory import prefaulted, release_freed_heap, sharing_cores
 from clmerge.merging.methods import MergeMethod, MergeParams
 from clmerge.merging.parts import Combiner, Sparsifier, State, Step, TopK, no_scalars, undecided
 from clmerge.merging.reader import check_compatible, check_finite_tensor
@@ -252,24 +252,24 @@ def _task_major(sources: Sequence[Source], plan: _Plan, every_step: bool) -> Ite
     out = torch.empty(layout.total) if combiner.finalize is not None else state  # reused by every step
     chunks = plan.chunks(TASK_CHUNK)
     buffer = torch.empty(plan.width(TASK_CHUNK))
-    with prefaulted(_parts(state) + ([] if out is state else [out])):
+    with prefaulted(_parts(state) + ([] if out is state else [out])) as faulting:
         for t, threshold in enumerate(thresholds, start=1):
             finishing, majority, undecided_count = every_step or t == num_tasks, 0, 0
-            for begin, count, pieces in chunks:
-                part = _slice(state, begin, count)
-                rows = [plan.fetch(sources[t - 1], pieces, buffer[:count], MAPPED)]  # one file at a time
-                _fold_checked(plan, part, rows, t == 1, pieces, range(t, t + 1), [threshold], sources,
-                              out[begin:begin + count] if finishing else None)
-                if finishing and combiner.elect is not None:  # while the chunk is in cache
-                    share, count_here = _election(combiner, part)
-                    majority, undecided_count = majority + share, undecided_count + count_here
-            sources[t - 1].release()
-            if not finishing:
-                continue
-            if combiner.settle is not None and majority <= 0 and undecided_count:
-                for begin, count, _ in chunks:
-                    combiner.settle(_slice(state, begin, count), out[begin:begin + count])
-            yield t, out
+            with sharing_cores(faulting):
+                for begin, count, pieces in chunks:
+                    part = _slice(state, begin, count)
+                    rows = [plan.fetch(sources[t - 1], pieces, buffer[:count], MAPPED)]  # one file at a time
+                    _fold_checked(plan, part, rows, t == 1, pieces, range(t, t + 1), [threshold], sources,
+                                  out[begin:begin + count] if finishing else None)
+                    if finishing and combiner.elect is not None:  # while the chunk is in cache
+                        share, count_here = _election(combiner, part)
+                        majority, undecided_count = majority + share, undecided_count + count_here
+                sources[t - 1].release()
+                if finishing and combiner.settle is not None and majority <= 0 and undecided_count:
+                    for begin, count, _ in chunks:
+                        combiner.settle(_slice(state, begin, count), out[begin:begin + count])
+            if finishing:
+                yield t, out
 
 
 def _chunk_major(sources: Sequence[Source], plan: _Plan) -> Iterator[tuple[int, torch.Tensor]]:
@@ -285,7 +285,7 @@ def _chunk_major(sources: Sequence[Source], plan: _Plan) -> Iterator[tuple[int, 
     in_place = combiner.layout is None and combiner.finalize is None
     scratch = None if in_place else plan.state(plan.width(size), compact=False)
     majority, pending = 0, []
-    with prefaulted([merged]):
+    with prefaulted([merged]) as faulting, sharing_cores(faulting):
         for begin, count, pieces in plan.chunks(size):
             state = merged[begin:begin + count] if in_place else _slice(scratch, 0, count)
             for low in range(0, num_tasks, group):
