@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from clmerge.data.registry import derived_seed
-from clmerge.merging import kernels, select
+from clmerge.merging import engine, kernels, select
 from clmerge.merging.engine import merge_steps
 from clmerge.merging.methods import METHODS, MergeParams, get_method
 from clmerge.merging.parts import magmax_update
@@ -46,6 +46,28 @@ def test_compiled_kernels_equal_the_eager_ops_bit_for_bit(monkeypatch: pytest.Mo
             assert kernels._broken is None
             for a, b in zip(eager, fused, strict=True):
                 assert all(torch.equal(a[k], b[k]) and a[k].signbit().equal(b[k].signbit()) for k in a), method
+
+
+def test_a_large_merge_compiles_the_folds_of_its_small_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLMERGE_COMPILE", "auto")
+    seen: list[tuple[int, bool]] = []
+    compiles = kernels.Kernel.compiles
+
+    def spy(self: kernels.Kernel, entries: int, any_size: bool = False) -> bool:
+        seen.append((entries, compiles(self, entries, any_size)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(kernels.Kernel, "compiles", spy)
+    taus = vectors(3)  # random mix folds tensor by tensor: every call is far below MIN_ENTRIES
+    small = run("random_mix", taus, False, MergeParams(seed=5))
+    assert seen and not any(compiled for _, compiled in seen)  # a small merge: eager
+    seen.clear()
+    monkeypatch.setattr(engine, "SMALL_MERGE", 1)  # the same merge counted as large
+    large = run("random_mix", taus, False, MergeParams(seed=5))
+    assert seen and all(compiled for entries, compiled in seen if entries < kernels.MIN_ENTRIES)
+    assert all(torch.equal(small[0][k], large[0][k]) for k in small[0])
+    monkeypatch.setenv("CLMERGE_COMPILE", "never")
+    assert not compiles(kernels.Kernel(magmax_update), 10, any_size=True)
 
 
 def test_a_compiler_failure_falls_back_to_the_same_eager_result(monkeypatch: pytest.MonkeyPatch,

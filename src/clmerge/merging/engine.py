@@ -137,7 +137,8 @@ class _Plan:
         per_tensor = isinstance(sparsifier, TopK) and sparsifier.scope == "tensor"
         self.whole = per_tensor or (sparsifier is not None and not isinstance(sparsifier, TopK))
         self.within = self.whole or combiner.scalars is not no_scalars
-        self.cap = MIN_ENTRIES - 1 if layout.total * num_tasks < SMALL_MERGE else layout.total  # chunk size cap
+        self.large = layout.total * num_tasks >= SMALL_MERGE  # compiled folds, whatever a chunk's size
+        self.cap = layout.total if self.large else MIN_ENTRIES - 1  # chunk size cap
 
     def chunks(self, size: int) -> list[tuple[int, int, list[Piece]]]:
         """(begin, count, pieces) of every chunk: `size` entries, whole tensors for whole-tensor sparsifiers."""
@@ -193,7 +194,8 @@ def _fold_checked(plan: _Plan, state: State, rows: list[torch.Tensor], first: bo
     and key. One sum of the state's first part decides (the fold marks bad entries NaN there); only when it
     is not finite does the exact check run over the rows (a finite overflow passes)."""
     finishing = out if plan.combiner.finalize is not None else None
-    plan.combiner.fold(state, rows, first, *plan.arguments(rows, pieces, tasks, thresholds), finishing, tasks[-1])
+    plan.combiner.fold(state, rows, first, *plan.arguments(rows, pieces, tasks, thresholds), finishing, tasks[-1],
+                       any_size=plan.large)
     if math.isfinite(float(_parts(state)[0].sum())):
         return
     for row, t in zip(rows, tasks):

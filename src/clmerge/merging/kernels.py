@@ -44,18 +44,19 @@ class Kernel:
         self.fn = fn
         self._compiled: Optional[Callable[..., Any]] = None
 
-    def compiles(self, entries: int) -> bool:
-        """Whether a call on `entries` entries runs the compiled kernel."""
+    def compiles(self, entries: int, any_size: bool = False) -> bool:
+        """Whether a call on `entries` entries runs the compiled kernel (in `auto` mode, at any size with
+        `any_size`: a large merge's small tensors, where eager ops would cost more than a compiled call)."""
         chosen = mode()
-        return _broken is None and chosen != "never" and (chosen == "always" or entries >= MIN_ENTRIES)
+        return _broken is None and chosen != "never" and (chosen == "always" or any_size or entries >= MIN_ENTRIES)
 
     def chunk(self, entries: int) -> int:
         """Entries per call when a tensor of `entries` entries is processed slice by slice."""
         return FUSED_CHUNK if self.compiles(entries) else EAGER_CHUNK
 
-    def __call__(self, *args: Any) -> Any:
+    def __call__(self, *args: Any, any_size: bool = False) -> Any:
         global _broken
-        if not self.compiles(_size(args[0])):
+        if not self.compiles(_size(args[0]), any_size):
             return self.fn(*args)
         if self._compiled is None:
             # Kernels are partials, so dynamo files every variant (per combiner, row count, first call or not)
