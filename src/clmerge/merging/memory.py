@@ -57,8 +57,7 @@ _MALLOC_TRIM = getattr(_LIBC, "malloc_trim", None)
 
 def release_freed_heap() -> None:
     """Hand freed heap memory back to the OS. glibc keeps what small allocations freed (the TIES threshold
-    scans' marks and candidates: up to 140 MB measured after a few merges), and it would sit under the
-    state allocated next."""
+    scans' buffers and candidates), and it would sit under the state allocated next."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 

@@ -89,15 +89,11 @@ class TensorFile:
         entry = self.entries[name]
         count = entry.numel - start if count < 0 else count
         view = out.view(-1)[:count]
-        self._pread(view, entry.start + start * view.element_size(), name)
+        self._pread(_bytes(view), entry.start + start * view.element_size(), name)
         return view.view(entry.shape) if count == entry.numel else view
 
-    def _pread(self, view: torch.Tensor, offset: int, name: str) -> None:
-        """Fill the contiguous `view` with the bytes at `offset`."""
-        self._pread_bytes(memoryview(view.view(torch.uint8).numpy()), offset, name)
-
-    def _pread_bytes(self, raw: memoryview, offset: int, name: str) -> None:
-        """Fill the bytes `raw` with the bytes at `offset`."""
+    def _pread(self, raw: memoryview, offset: int, name: str) -> None:
+        """Fill the bytes `raw` with the file's bytes at `offset`."""
         done = 0
         while done < len(raw):  # Linux reads at most ~2 GB per call
             got = os.preadv(self._handle.fileno(), [raw[done:]], offset + done)
@@ -122,9 +118,9 @@ class TensorFile:
             else:
                 runs.append([start, start + 4 * piece.count, piece])
         if runs:
-            raw = memoryview(out.view(torch.uint8).numpy())  # one buffer object for all the runs
+            raw = _bytes(out)  # one buffer object for all the runs
             for start, end, first in runs:
-                self._pread_bytes(raw[4 * first.offset:4 * first.offset + end - start], start, first.name)
+                self._pread(raw[4 * first.offset:4 * first.offset + end - start], start, first.name)
 
     def span(self, pieces: list[Piece], out: torch.Tensor, hold: int) -> torch.Tensor:
         """The pieces as one flat fp32 tensor: a view of the mapped file where they are fp32 and lie end to end,
@@ -175,6 +171,11 @@ class TensorFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _bytes(block: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, writable in place."""
+    return memoryview(block.view(torch.uint8).numpy())
 
 
 def check_compatible(files: list[TensorFile]) -> None:
