@@ -9,7 +9,11 @@ resident memory above the process's baseline (sampled every 2 ms; in all, and an
 mapped task-vector pages are page cache), and a reference-style in-memory implementation (load every task
 vector, stack, reduce; re-merge from scratch for every step).
 
-    .venv/bin/python benchmarks/merge_bench.py --tasks 5,10,20 --threads 1
+Each method runs in --repeat rounds of (read, final only, all steps). Times are the best of the rounds;
+each ratio is the median over the rounds of the ratio within a round, so that the host's speed, which
+drifts over minutes, cancels out of it.
+
+    .venv/bin/python benchmarks/merge_bench.py --tasks 5,10,20 --threads 1 --repeat 3
 
 Writes max(T) x 345 MB of safetensors under --dir (a temporary folder by default) and deletes them.
 """
@@ -19,9 +23,11 @@ from __future__ import annotations
 import argparse
 import resource
 import shutil
+import statistics
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -129,15 +135,39 @@ def reference_style(paths: list[Path], method: str, every_step: bool) -> None:
 def timed(action: Callable[[], None], repeat: int) -> tuple[float, float, float]:
     """Best wall time of `repeat` runs, and the largest peak memory above the start (MB), in all and
     anonymous only."""
-    best, peak, anon = float("inf"), 0.0, 0.0
+    runs = rounds({"action": action}, repeat)["action"]
+    return min(runs.seconds), runs.peak, runs.anon
+
+
+@dataclass
+class Runs:
+    """The wall times of one action's runs, one per round, and its largest peak memory above the start (MB),
+    in all and anonymous only."""
+
+    seconds: list[float] = field(default_factory=list)
+    peak: float = 0.0
+    anon: float = 0.0
+
+
+def rounds(actions: dict[str, Callable[[], None]], repeat: int) -> dict[str, Runs]:
+    """`repeat` rounds, each running every action once in order: a ratio then pairs two runs made seconds
+    apart, so that the host's speed, which drifts over minutes, cancels out."""
+    runs = {name: Runs() for name in actions}
     for _ in range(repeat):
-        release_freed_heap()  # glibc keeps freed heap memory: RSS growth then measures real use
-        with PeakRSS() as memory:
-            start = time.perf_counter()
-            action()
-            best = min(best, time.perf_counter() - start)
-        peak, anon = max(peak, memory.above[0]), max(anon, memory.above[1])
-    return best, peak, anon
+        for name, action in actions.items():
+            release_freed_heap()  # glibc keeps freed heap memory: RSS growth then measures real use
+            with PeakRSS() as memory:
+                start = time.perf_counter()
+                action()
+                runs[name].seconds.append(time.perf_counter() - start)
+            runs[name].peak = max(runs[name].peak, memory.above[0])
+            runs[name].anon = max(runs[name].anon, memory.above[1])
+    return runs
+
+
+def ratio(numerator: Runs, denominator: Runs) -> float:
+    """The median over rounds of numerator / denominator within a round."""
+    return statistics.median(a / b for a, b in zip(numerator.seconds, denominator.seconds))
 
 
 def main() -> None:
@@ -179,20 +209,24 @@ def main() -> None:
             for method in args.methods.split(","):
                 for every_step in (False, True):  # untimed: compiles the kernel for this T's row count
                     engine(subset, method, params, every_step)
-                final_s, final_mb, final_anon = timed(lambda: engine(subset, method, params, False), args.repeat)
-                steps_s, steps_mb, steps_anon = timed(lambda: engine(subset, method, params, True), args.repeat)
-                peak = max(final_mb, steps_mb)
-                print(f"{count:>3} {method:<22} {final_s:>8.3f} {final_s / read_s:>7.2f} {steps_s:>8.3f} "
-                      f"{steps_s / final_s:>11.2f} {peak:>8.0f} {peak / vector_mb:>5.2f} "
-                      f"{max(final_anon, steps_anon):>8.0f}")
+                runs = rounds({"read": lambda: read_once(subset),
+                               "final": lambda: engine(subset, method, params, False),
+                               "steps": lambda: engine(subset, method, params, True)}, args.repeat)
+                final, steps = runs["final"], runs["steps"]
+                peak = max(final.peak, steps.peak)
+                print(f"{count:>3} {method:<22} {min(final.seconds):>8.3f} {ratio(final, runs['read']):>7.2f} "
+                      f"{min(steps.seconds):>8.3f} {ratio(steps, final):>11.2f} {peak:>8.0f} "
+                      f"{peak / vector_mb:>5.2f} {max(final.anon, steps.anon):>8.0f}")
                 if method in args.reference.split(","):
+                    read_s = statistics.median(runs["read"].seconds)
                     ref_final, ref_final_mb, ref_final_anon = timed(lambda: reference_style(subset, method, False), 1)
                     ref_steps, ref_steps_mb, ref_steps_anon = timed(lambda: reference_style(subset, method, True), 1)
                     ref_peak = max(ref_final_mb, ref_steps_mb)
                     print(f"{count:>3} {'  reference-style':<22} {ref_final:>8.3f} {ref_final / read_s:>7.2f} "
                           f"{ref_steps:>8.3f} {ref_steps / ref_final:>11.2f} {ref_peak:>8.0f} "
                           f"{ref_peak / vector_mb:>5.2f} {max(ref_final_anon, ref_steps_anon):>8.0f}   engine is "
-                          f"{ref_steps / steps_s:.1f}x faster (all steps), {ref_peak / max(peak, 1):.1f}x less memory")
+                          f"{ref_steps / min(steps.seconds):.1f}x faster (all steps), "
+                          f"{ref_peak / max(peak, 1):.1f}x less memory")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
