@@ -59,7 +59,9 @@ def test_folds_leave_a_core_to_a_running_prefault_thread_and_get_it_back() -> No
     running.start()
     try:
         torch.set_num_threads(3)
-        with sharing_cores(running):
+        with sharing_cores(running) as cores:
+            assert torch.get_num_threads() == 2
+            cores.settle()  # the worker still runs: the thread stays with it
             assert torch.get_num_threads() == 2
         assert torch.get_num_threads() == 3
         with pytest.raises(RuntimeError), sharing_cores(running):  # given back when the body fails too
@@ -94,6 +96,54 @@ def test_merges_fold_on_one_thread_fewer_while_prefaulting_and_yield_with_all(mo
                 assert [torch.get_num_threads() for _ in steps] == ([3, 3, 3] if every_step else [3])
                 assert folds and set(folds) == {2}
     finally:
+        torch.set_num_threads(threads)
+
+
+def test_settle_takes_the_thread_back_once_the_prefault_thread_is_done() -> None:
+    threads, release = torch.get_num_threads(), threading.Event()
+    worker = threading.Thread(target=release.wait)
+    worker.start()
+    try:
+        torch.set_num_threads(2)
+        with sharing_cores(worker) as cores:
+            assert torch.get_num_threads() == 1
+            release.set()
+            worker.join()
+            cores.settle()
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 2
+    finally:
+        release.set()
+        worker.join()
+        torch.set_num_threads(threads)
+
+
+def test_a_final_merge_folds_on_every_thread_once_its_prefault_thread_ends(monkeypatch: pytest.MonkeyPatch
+                                                                          ) -> None:
+    release = threading.Event()
+    monkeypatch.setattr(memory, "_populate", lambda blocks, stop: release.wait())  # faulting until released
+    monkeypatch.setattr(engine, "ROWS", 1024)  # several chunks
+    folds: list[int] = []
+    fold = engine._fold_checked
+
+    def counted(*args: object) -> None:
+        folds.append(torch.get_num_threads())
+        fold(*args)
+        release.set()  # the prefault thread ends after the first fold
+
+    monkeypatch.setattr(engine, "_fold_checked", counted)
+    vectors = [{"w": torch.randn(8192, generator=torch.Generator().manual_seed(t))} for t in range(3)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        merged = dict(merge_steps(open_sources(vectors), METHODS["magmax"], every_step=False))[3]["w"]
+        assert folds[0] == 1 and folds[-1] == 2 and len(folds) >= 4
+        expected = vectors[0]["w"]
+        for vector in vectors[1:]:
+            expected = torch.where(vector["w"].abs() >= expected.abs(), vector["w"], expected)
+        assert torch.equal(merged, expected)  # the same bits on either thread count
+    finally:
+        release.set()
         torch.set_num_threads(threads)
 
 

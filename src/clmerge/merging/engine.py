@@ -257,8 +257,9 @@ def _task_major(sources: Sequence[Source], plan: _Plan, every_step: bool) -> Ite
     with prefaulted(_parts(state) + ([] if out is state else [out])) as faulting:
         for t, threshold in enumerate(thresholds, start=1):
             finishing, majority, undecided_count = every_step or t == num_tasks, 0, 0
-            with sharing_cores(faulting):
+            with sharing_cores(faulting) as cores:
                 for begin, count, pieces in chunks:
+                    cores.settle()
                     part = _slice(state, begin, count)
                     rows = [plan.fetch(sources[t - 1], pieces, buffer[:count], MAPPED)]  # one file at a time
                     _fold_checked(plan, part, rows, t == 1, pieces, range(t, t + 1), [threshold], sources,
@@ -287,8 +288,9 @@ def _chunk_major(sources: Sequence[Source], plan: _Plan) -> Iterator[tuple[int, 
     in_place = combiner.layout is None and combiner.finalize is None
     scratch = None if in_place else plan.state(plan.width(size), compact=False)
     majority, pending = 0, []
-    with prefaulted([merged]) as faulting, sharing_cores(faulting):
+    with prefaulted([merged]) as faulting, sharing_cores(faulting) as cores:
         for begin, count, pieces in plan.chunks(size):
+            cores.settle()
             state = merged[begin:begin + count] if in_place else _slice(scratch, 0, count)
             for low in range(0, num_tasks, group):
                 tasks = range(low + 1, min(low + group, num_tasks) + 1)

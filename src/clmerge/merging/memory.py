@@ -101,18 +101,33 @@ def prefaulted(blocks: Sequence[torch.Tensor]) -> Iterator[Optional[threading.Th
         worker.join()
 
 
+class Cores:
+    """The torch threads a merge folds on while a prefault thread may run (`sharing_cores`)."""
+
+    def __init__(self, worker: Optional[threading.Thread], threads: int):
+        self.worker, self.threads = worker, threads
+
+    def settle(self) -> None:
+        """Take the thread back once the prefault thread has finished (between folds; a few microseconds)."""
+        if self.worker is not None and not self.worker.is_alive() and torch.get_num_threads() < self.threads:
+            torch.set_num_threads(self.threads)
+
+
 @contextmanager
-def sharing_cores(worker: Optional[threading.Thread]) -> Iterator[None]:
+def sharing_cores(worker: Optional[threading.Thread]) -> Iterator[Cores]:
     """Run the body on one torch thread fewer while the prefault thread `worker` runs (and torch has more than
     one): on 2 cores, a fold's second OpenMP thread and the prefault thread slowed each other down (final-only
-    MagMax 0.45-0.50 s at 2 threads against 0.37-0.41 s at 1, alternating runs). Not across a yield: the
-    caller's own work between steps keeps every thread."""
+    MagMax 0.45-0.50 s at 2 threads against 0.37-0.41 s at 1, alternating runs). The body calls
+    `settle()` between folds to take the thread back once the worker is done: the merged vector is faulted
+    in long before a final-only random mix or TIES ends. Not across a yield: the caller's own work between
+    steps keeps every thread."""
     threads = torch.get_num_threads()
+    cores = Cores(worker, threads)
     if worker is None or threads == 1 or not worker.is_alive():
-        yield
+        yield cores
         return
     torch.set_num_threads(threads - 1)
     try:
-        yield
+        yield cores
     finally:
         torch.set_num_threads(threads)
