@@ -133,6 +133,11 @@ def test_non_finite_entries_are_refused_naming_file_and_key(tmp_path: Path, bad:
     for name in ("magmax", "ties"):
         with pytest.raises(UserError, match=f"{paths[1]} has non-finite entries .* in visual.conv1.weight"):
             list(merge_steps(open_sources(paths), get_method(name)))
+    almost_all_dropped = MergeParams(dare_p=0.999)  # DARE would drop the bad entry before the fold saw it
+    for name in ("dare", "dare_magmax", "dare_ties"):
+        for every_step in (True, False):
+            with pytest.raises(UserError, match=f"{paths[1]} has non-finite entries .* in visual.conv1.weight"):
+                list(merge_steps(open_sources(paths), get_method(name), almost_all_dropped, every_step))
 
 
 def test_not_a_safetensors_file_is_one_line(tmp_path: Path) -> None:

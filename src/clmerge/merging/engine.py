@@ -135,7 +135,8 @@ class _Plan:
         self.combiner, self.sparsifier, self.seed, self.num_tasks, self.layout = (combiner, sparsifier, seed,
                                                                                   num_tasks, layout)
         per_tensor = isinstance(sparsifier, TopK) and sparsifier.scope == "tensor"
-        self.whole = per_tensor or (sparsifier is not None and not isinstance(sparsifier, TopK))
+        self.rewrites = sparsifier is not None and not isinstance(sparsifier, TopK)  # DARE rewrites its rows
+        self.whole = per_tensor or self.rewrites
         self.within = self.whole or combiner.scalars is not no_scalars
         self.large = layout.total * num_tasks >= SMALL_MERGE  # compiled folds, whatever a chunk's size
         self.cap = layout.total if self.large else MIN_ENTRIES - 1  # chunk size cap
@@ -194,10 +195,16 @@ def _fold_checked(plan: _Plan, state: State, rows: list[torch.Tensor], first: bo
     and key. One sum of the state's first part decides (the fold marks bad entries NaN there); only when it
     is not finite does the exact check run over the rows (a finite overflow passes)."""
     finishing = out if plan.combiner.finalize is not None else None
+    if plan.rewrites:  # DARE would turn a dropped NaN into 0 before the fold's marker could see it
+        _check_rows(rows, pieces, tasks, sources)
     plan.combiner.fold(state, rows, first, *plan.arguments(rows, pieces, tasks, thresholds), finishing, tasks[-1],
                        any_size=plan.large)
-    if math.isfinite(float(_parts(state)[0].sum())):
-        return
+    if not math.isfinite(float(_parts(state)[0].sum())):
+        _check_rows(rows, pieces, tasks, sources)
+
+
+def _check_rows(rows: list[torch.Tensor], pieces: list[Piece], tasks: range, sources: Sequence[Source]) -> None:
+    """Refuse NaN/Inf in the rows, naming the first bad file and key."""
     for row, t in zip(rows, tasks):
         for piece in pieces:
             check_finite_tensor(row[piece.offset:piece.offset + piece.count], str(sources[t - 1].path), piece.name)
