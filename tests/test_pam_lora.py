@@ -15,7 +15,7 @@ from test_pipeline import tiny_cfg
 from clmerge import pipeline
 from clmerge.config import Config, LoraConfig, ModelConfig, PamConfig
 from clmerge.merging.engine import merge_final
-from clmerge.merging.job import fold
+from clmerge.merging.job import fold, full_model_entries, merge_params
 from clmerge.merging.methods import MergeParams, get_method
 from clmerge.merging.sources import MemoryVector
 from clmerge.models.heads import logits
@@ -165,3 +165,11 @@ def test_bad_pam_and_lora_knobs_are_one_line_errors(cli, paths, tmp_path: Path, 
                                                     fragments: list[str]) -> None:
     assert_one_line_error(cli(*args, *paths), *fragments)
     assert files_under(tmp_path) == []
+
+
+def test_ties_on_lora_factors_trims_over_the_stored_factors_not_the_dense_model(tmp_path: Path) -> None:
+    ties = get_method("ties")
+    factors = merge_params(lora_cfg(tmp_path, regime="pam"), ties)  # PAM merges factors
+    assert factors.ties_denominator is None  # N_ref = the factors' own entries: the full model's would keep all
+    dense = merge_params(lora_cfg(tmp_path), ties)  # plain LoRA merges the dense products
+    assert dense.ties_denominator == full_model_entries(lora_cfg(tmp_path).model)

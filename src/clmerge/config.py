@@ -49,6 +49,9 @@ class BenchmarkConfig:
     epochs: Optional[int] = 10  # the reference's epochs per task; finetune=reference uses it
     dataset_epochs: dict[str, int] = field(default_factory=dict)  # multi_dataset: epochs per dataset
     skip_corrupt: bool = False  # drop unreadable images (with a warning) instead of failing on them
+    # real datasets: share of each task's training images (per class, seeded) held out of fine-tuning as its
+    # validation split, for merge.alpha=auto; 0 = none (the reference trains on every training image)
+    val_fraction: float = 0.0
     # held-out control sets for zero-shot retention (ZR): world/<domain> or a prepared real dataset's name
     control: list[str] = field(default_factory=list)
     world: WorldDataConfig = field(default_factory=WorldDataConfig)
@@ -132,7 +135,8 @@ class TiesConfig:
 
     k: float = 0.2  # keep floor(k * N_ref) entries (plus ties) per task vector
     scope: str = "global"  # global: one threshold over the whole vector | tensor: one per tensor
-    k_denominator: str = "full_model"  # N_ref, global scope: full_model (every floating entry) | stored
+    # N_ref, global scope: full_model (every floating entry; LoRA factor merges use stored) | stored
+    k_denominator: str = "full_model"
 
 
 @dataclass

@@ -43,7 +43,10 @@ def merge_params(cfg: Config, method: MergeMethod) -> MergeParams:
         raise UserError(f"merge.ties.k_denominator={ties.k_denominator} is not valid; use full_model or stored")
     if not 0.0 <= ties.k <= 1.0 or not 0.0 <= dare.p < 1.0:
         raise UserError("merge.ties.k must lie in [0, 1] and merge.dare.p in [0, 1)")
-    uses_reference = method.sparsify == "topk" and ties.scope == "global" and ties.k_denominator == "full_model"
+    # the reference's N_ref counts the dense model's entries; LoRA factors are a different, far smaller set, over
+    # which that N_ref would keep everything: factor merges trim over their stored entries
+    uses_reference = (method.sparsify == "topk" and ties.scope == "global" and ties.k_denominator == "full_model"
+                      and not merges_factors(cfg))
     return MergeParams(seed=cfg.seed, ties_k=ties.k, ties_scope=ties.scope, dare_p=dare.p,
                        ties_denominator=full_model_entries(cfg.model) if uses_reference else None)
 
@@ -171,11 +174,13 @@ def merge_final_of(cfg: Config, name: str, store: CheckpointDir, num_tasks: int)
 
 
 def record_auto(store: CheckpointDir, curve: Optional[AlphaCurve]) -> dict[str, Any]:
-    """Keep the validation curve in the merge manifest; returns it for merge.json."""
+    """Keep the validation curve in the merge manifest (so later commands reuse it); returns it for merge.json
+    and results.json."""
     if curve is None:
         return {}
-    store.manifest["alpha_auto"] = curve.to_json()
-    store.write_manifest()
+    with store.lock():  # re-reads the manifest: another process may have added files to it
+        store.manifest["alpha_auto"] = curve.to_json()
+        store.write_manifest()
     return {"alpha_auto": curve.to_json()}
 
 
