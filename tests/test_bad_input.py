@@ -71,6 +71,18 @@ def test_empty_or_broken_lists(cli, tmp_path: Path, overrides: list[str]) -> Non
     check(cli, tmp_path, "run", *overrides)
 
 
+@pytest.mark.parametrize(("overrides", "fragment"), [
+    (["benchmark.val_fraction=1.0"], "benchmark.val_fraction=1.0 is not valid"),
+    (["benchmark.val_fraction=-0.1"], "benchmark.val_fraction=-0.1 is not valid"),
+    (["benchmark.val_fraction=0.1"], "benchmark.world.val_per_class=N"),  # the world renders its own
+    (["benchmark=class_incremental/cifar100", "merge.alpha=auto"], "benchmark.val_fraction=0.1"),
+])
+def test_bad_validation_fractions_are_one_line(cli, tmp_path: Path, overrides: list[str], fragment: str) -> None:
+    result = cli("merge", f"paths.store={tmp_path / 'store'}", f"paths.output={tmp_path / 'out'}", *overrides)
+    assert_one_line_error(result, fragment)
+    assert files_under(tmp_path) == []
+
+
 @pytest.mark.slow
 @SETTINGS
 @given(command=COMMANDS, section=st.sampled_from(SECTIONS), name=IDENTIFIERS.filter(lambda n: n not in KNOWN))

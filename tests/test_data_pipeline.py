@@ -3,6 +3,7 @@ merge and evaluate with a tiny random CLIP (world-tiny, 32 px) and open_clip's o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ from clmerge.config import BenchmarkConfig, Config, FinetuneConfig, ModelConfig,
 from clmerge.data.filelist import read_filelist
 from clmerge.data.catalog import SPECS
 from clmerge.data.prepare import prepare
+from clmerge.data.registry import task_split
 from clmerge.errors import UserError
+from clmerge.merging.alpha import check_validation_split
 from clmerge.store import finetune_dir
 from test_data_fakes import FAKES
 
@@ -148,3 +151,58 @@ def test_mis_arranged_source_is_one_line(cli, tmp_path: Path) -> None:
     assert "train_test_split.txt is missing" in result.stderr
     result = cli("data", "check", "svhn", "--root", "data")
     assert result.exit_code == 2 and "clmerge data prepare svhn" in result.stderr
+
+
+@pytest.mark.parametrize(("setting", "datasets"), [("multi_dataset", ["mnist", "svhn"]),  # arrays
+                                                   ("class_incremental", ["cars"])])  # a file list
+def test_val_fraction_carves_each_tasks_validation_images_out_of_its_training_images(
+        tmp_path: Path, setting: str, datasets: list[str]) -> None:
+    data = prepared(tmp_path, *datasets)
+    keep = lambda image: image  # noqa: E731 - images are never loaded: only indices and labels are compared
+    whole = config(tmp_path, setting, datasets, data).benchmark
+    carved = dataclasses.replace(whole, val_fraction=0.5)
+    task = build_benchmark(whole, data, 0).tasks[0]
+    everything = task_split(whole, task, "train", 0, data, keep)
+    train, val = (task_split(carved, task, split, 0, data, keep) for split in ("train", "val"))
+    assert sorted(train.indices + val.indices) == list(range(len(everything)))  # disjoint, nothing lost
+    for label in set(everything.labels):  # half of every class, an image on each side (none of a lone one)
+        members = [i for i, found in enumerate(everything.labels) if found == label]
+        held = [i for i in val.indices if everything.labels[i] == label]
+        assert (1 <= len(held) < len(members) and abs(len(held) - len(members) / 2) <= 0.5) if len(members) > 1 \
+            else held == []
+    assert val.indices  # the fakes have classes of several images
+    assert task_split(carved, task, "val", 0, data, keep).indices == val.indices  # the seed decides
+    assert len(task_split(carved, task, "test", 0, data, keep)) == len(task_split(whole, task, "test", 0, data, keep))
+    with pytest.raises(UserError, match="benchmark.val_fraction=0.1") as err:
+        task_split(whole, task, "val", 0, data, keep)
+    assert "\n" not in str(err.value)
+
+
+def test_a_task_whose_classes_have_one_training_image_has_no_validation_split(tmp_path: Path) -> None:
+    data = prepared(tmp_path, "cifar100")  # the fake has one training image per class
+    carved = dataclasses.replace(config(tmp_path, "class_incremental", ["cifar100"], data).benchmark,
+                                 val_fraction=0.5)
+    task = build_benchmark(carved, data, 0).tasks[0]
+    assert len(task_split(carved, task, "train", 0, data, lambda image: image)) == len(task.classes)  # all kept
+    with pytest.raises(UserError, match="one training image") as err:
+        task_split(carved, task, "val", 0, data, lambda image: image)
+    assert "\n" not in str(err.value)
+
+
+def test_alpha_auto_on_a_real_dataset_picks_lambda_on_held_out_training_images(tmp_path: Path) -> None:
+    cfg = config(tmp_path, "multi_dataset", ["mnist", "svhn"], prepared(tmp_path, "mnist", "svhn"))
+    auto = dataclasses.replace(cfg, merge=dataclasses.replace(cfg.merge, method="average", alpha="auto",
+                                                               alpha_grid=[0.5, 1.0]))
+    with pytest.raises(UserError, match="benchmark.val_fraction is 0"):
+        check_validation_split(auto)
+    auto = dataclasses.replace(auto, benchmark=dataclasses.replace(auto.benchmark, val_fraction=0.5))
+    check_validation_split(auto)
+    auto = dataclasses.replace(auto, eval=dataclasses.replace(auto.eval, methods=["average"]))
+    pipeline.finetune(auto, QUIET)
+    results = pipeline.evaluate(auto, QUIET, tmp_path / "eval")  # picks lambda itself: no merge command ran
+    curve = results["methods"]["average"]["alpha_auto"]
+    assert curve["grid"] == [0.5, 1.0] and curve["alpha"] in (0.5, 1.0)
+    assert all(0.0 <= a <= 1.0 for a in curve["accuracy"])
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["methods"]["average"]["alpha_auto"] == curve
+    pipeline.merge(auto, QUIET, output_dir=tmp_path / "merged")  # reuses the curve the evaluation stored
+    assert json.loads((tmp_path / "merged" / "merge.json").read_text())["methods"]["average"]["alpha_auto"] == curve

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from clmerge.config import BenchmarkConfig, Config, PathsConfig
 from clmerge.errors import UserError
-from clmerge.store import CheckpointDir, finetune_dir, finetune_key, merge_dir, task_file
+from clmerge.store import CheckpointDir, finetune_dir, finetune_key, finetune_subset, merge_dir, task_file
 
 
 def make_cfg(tmp_path: Path, **finetune: object) -> Config:
@@ -59,6 +59,14 @@ def test_keys_depend_on_weight_relevant_fields_only(tmp_path: Path) -> None:
     assert finetune_key(base) != finetune_key(dataclasses.replace(base, seed=1))
     assert finetune_key(base).startswith("cil-world-tiny-sequential-s0-")
     assert merge_dir(base, "magmax", {}).path.parent.name == finetune_key(base)
+
+
+def test_held_out_validation_images_change_the_key_only_when_used(tmp_path: Path) -> None:
+    base = make_cfg(tmp_path)
+    assert "val_fraction" not in finetune_subset(base)["benchmark"]  # stores made before the field keep their keys
+    carved = dataclasses.replace(base, benchmark=dataclasses.replace(base.benchmark, val_fraction=0.1))
+    assert finetune_subset(carved)["benchmark"]["val_fraction"] == 0.1
+    assert finetune_key(carved) != finetune_key(base)  # it trains on fewer images
 
 
 def test_a_second_writer_is_stopped_with_a_clear_error_when_it_may_not_wait(tmp_path: Path) -> None:

@@ -55,6 +55,12 @@ def _check_counts(cfg: Config) -> None:
     _at_least("benchmark.world.train_per_class", world.train_per_class, 1)
     _at_least("benchmark.world.test_per_class", world.test_per_class, 1)
     _at_least("benchmark.world.val_per_class", world.val_per_class, 0)
+    if not 0.0 <= cfg.benchmark.val_fraction < 1.0:
+        raise UserError(f"benchmark.val_fraction={cfg.benchmark.val_fraction} is not valid; use a share in [0, 1), "
+                        "e.g. 0.1")
+    if cfg.benchmark.dataset == "world" and cfg.benchmark.val_fraction > 0:
+        raise UserError("benchmark.val_fraction holds real training images out; the world renders its own "
+                        "validation images: set benchmark.world.val_per_class=N instead")
     _at_least("eval.batch_size", cfg.eval.batch_size, 1)
     _at_least("eval.num_workers", cfg.eval.num_workers, 0)
     _at_least("finetune.num_workers", cfg.finetune.num_workers, 0)

@@ -140,11 +140,15 @@ def evaluate(cfg: Config, console: Console, output_dir: Path, timings: Optional[
     names = evaluated_methods(cfg)
     if cfg.finetune.regime == "joint" and cfg.eval.methods:
         console.print("[dim]joint training leaves one model: eval.methods (merges) are not evaluated[/dim]")
-    merges = {name: (method_store(cfg, name), resolve(cfg, name, deployment)[0]) for name in names}
+    merges, curves = {}, {}
+    for name in names:
+        store = method_store(cfg, name)
+        alpha, curve = resolve(cfg, name, deployment)
+        merges[name], curves[name] = (store, alpha), record_auto(store, curve)
     start = time.perf_counter()
     evaluation = evaluate_all(cfg, benchmark, loaded, source, merges, device, console, output_dir)
     timings = {**(timings or {}), "eval": time.perf_counter() - start}
-    results = report.results_document(cfg, benchmark, source, merges, evaluation, timings)
+    results = report.results_document(cfg, benchmark, source, merges, evaluation, timings, curves)
     report.write_json(output_dir / "results.json", results)
     report.print_results(results, console)
     console.print(f"results: {output_dir / 'results.json'}")

@@ -103,9 +103,10 @@ def training_records(source: CheckpointDir, num_tasks: int) -> list[dict[str, An
 
 def results_document(cfg: Config, benchmark: Benchmark, source: CheckpointDir,
                      merges: dict[str, tuple[CheckpointDir, float]], evaluation: Evaluation,
-                     timings: dict[str, float]) -> dict[str, Any]:
+                     timings: dict[str, float], curves: Optional[dict[str, dict[str, Any]]] = None) -> dict[str, Any]:
     """The versioned results.json of a run (DESIGN.md): accuracies are fractions in [0, 1]; `zero_shot_row`
-    holds theta_0's counts c[0][j], the baseline of the transfer metrics."""
+    holds theta_0's counts c[0][j], the baseline of the transfer metrics; `curves`: per merge method, its
+    merge.alpha=auto validation curve ({"alpha_auto": ...}, or {} for a configured lambda)."""
     sizes = evaluation.sizes
     return {
         "schema_version": RESULTS_SCHEMA_VERSION,
@@ -122,7 +123,8 @@ def results_document(cfg: Config, benchmark: Benchmark, source: CheckpointDir,
         "seed": cfg.seed,
         "timings_s": timings,
         "training": training_records(source, stored_vectors(cfg, len(benchmark.tasks))),
-        "methods": {name: method_entry(raw, evaluation.zero_shot, sizes, evaluation.control_sizes)
+        "methods": {name: {**method_entry(raw, evaluation.zero_shot, sizes, evaluation.control_sizes),
+                           **(curves or {}).get(name, {})}
                     for name, raw in evaluation.methods.items()},
     }
 

@@ -64,12 +64,15 @@ def _unused_parts(cfg: Config) -> set[str]:
 
 def finetune_subset(cfg: Config) -> dict[str, Any]:
     """The part of the config that decides the fine-tuned weights; a regularizer, PAM and LoRA and their
-    sub-configs count only when used, so runs without them keep their keys."""
+    sub-configs, and benchmark.val_fraction, count only when used, so runs without them keep their keys."""
     regularizer = cfg.finetune.regularizer
     used = {"regularizer", regularizer} if regularizer != "none" else set()
     dropped = _FINETUNE_KEY_IGNORED | _unused_parts(cfg) | ({"regularizer", *_REGULARIZER_CONFIGS} - used)
     finetune = {k: v for k, v in asdict(cfg.finetune).items() if k not in dropped}
-    return {"benchmark": asdict(cfg.benchmark), "model": asdict(cfg.model), "finetune": finetune, "seed": cfg.seed}
+    benchmark = asdict(cfg.benchmark)
+    if not benchmark["val_fraction"]:  # held-out validation images change the training set only when used
+        del benchmark["val_fraction"]
+    return {"benchmark": benchmark, "model": asdict(cfg.model), "finetune": finetune, "seed": cfg.seed}
 
 
 def finetune_key(cfg: Config) -> str:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from clmerge.config import BenchmarkConfig
 from clmerge.data import catalog, reference
@@ -69,8 +69,10 @@ def task_split(cfg: BenchmarkConfig, task: Task, split: str, seed: int, root: Pa
                transform: Optional[Transform] = None) -> Dataset:
     """The images of `task` in `split` ("train", "val" or "test") with global labels.
 
-    World images come as model-ready tensors; real images go through `transform` (the model's train
-    transform for training, its eval transform for every evaluation).
+    World images come as model-ready tensors (its "val" images are rendered apart from the training ones);
+    real images go through `transform` (the model's train transform for training, its eval transform for
+    every evaluation). A real task's "val" split is carved from its training images (`held_out`) and
+    "train" is then the rest; with `cfg.val_fraction` 0 it has none.
     """
     dataset = task.dataset or cfg.dataset
     if dataset == "world":
@@ -86,10 +88,37 @@ def task_split(cfg: BenchmarkConfig, task: Task, split: str, seed: int, root: Pa
 
     if transform is None:
         raise ValueError("real images need the model's transform")
+    if split == "val" and cfg.val_fraction <= 0:
+        raise UserError(f"task {task.name} has no validation images: benchmark.val_fraction is 0; set "
+                        "benchmark.val_fraction=0.1 to hold that share of the training images out of fine-tuning")
     local = [c - task.label_offset for c in task.classes]
-    data = load_split(dataset, Path(root), split, transform, local, task.domain, task.label_offset,
+    stored = "train" if split == "val" else split
+    data = load_split(dataset, Path(root), stored, transform, local, task.domain, task.label_offset,
                       cfg.skip_corrupt)
     if len(data) == 0:
-        raise UserError(f"task {task.name} has no {split} images in the prepared {dataset} under {root}; "
+        raise UserError(f"task {task.name} has no {stored} images in the prepared {dataset} under {root}; "
                         f"check it with `clmerge data check {dataset} --root {root}`")
+    if stored == "train" and cfg.val_fraction > 0:
+        val = held_out(data.labels, cfg.val_fraction, derived_seed(seed, "val", task.index))
+        if split == "val" and not val:
+            raise UserError(f"task {task.name} has no validation images: each of its classes has one training "
+                            "image; raise benchmark.val_fraction or give a number, e.g. merge.alpha=0.5")
+        chosen = set(val)
+        data = Subset(data, val if split == "val" else [i for i in range(len(data)) if i not in chosen])
     return data
+
+
+def held_out(labels: Sequence[int], fraction: float, seed: int) -> list[int]:
+    """The validation images among a task's training images: in each class, round(fraction x its images) of
+    them, at least one of a class with two or more (and never all of one), drawn with `seed`; sorted."""
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    generator = torch.Generator().manual_seed(seed)
+    chosen: list[int] = []
+    for label in sorted(by_class):
+        members = by_class[label]
+        count = min(max(round(fraction * len(members)), 1), len(members) - 1)
+        order = torch.randperm(len(members), generator=generator)[:count]
+        chosen += [members[i] for i in order.tolist()]
+    return sorted(chosen)

@@ -1,6 +1,8 @@
 """merge.alpha=auto: lambda chosen on a grid by accuracy on validation splits, never on test data.
 
-Each task's validation split is carved from its training data (`task_split(..., "val", seed)`). The
+Each task's validation split (`task_split(..., "val", seed)`) is held out of its training data: a share
+benchmark.val_fraction of a real task's training images, which fine-tuning then never sees; the built-in
+world renders benchmark.world.val_per_class images per class apart from the training ones. The
 score of a lambda is the sample-weighted task-agnostic accuracy of theta_0 + lambda * m_T over the union
 of all tasks' validation splits (the final model, as the reference's headline); ties go to the smaller
 lambda. The whole curve is recorded.
@@ -52,6 +54,10 @@ def check_validation_split(cfg: Config) -> None:
     if cfg.benchmark.dataset == "world" and cfg.benchmark.world.val_per_class <= 0:
         raise UserError("merge.alpha=auto picks lambda on validation data, but benchmark.world.val_per_class is 0; "
                         "set benchmark.world.val_per_class=N (N > 0) or give a number, e.g. merge.alpha=0.5")
+    if cfg.benchmark.dataset != "world" and cfg.benchmark.val_fraction <= 0:
+        raise UserError("merge.alpha=auto picks lambda on images held out of training, but benchmark.val_fraction "
+                        "is 0; set benchmark.val_fraction=0.1 (fine-tuning then leaves those images out) or give a "
+                        "number, e.g. merge.alpha=0.5")
     if not cfg.merge.alpha_grid:
         raise UserError("merge.alpha=auto needs a grid; set merge.alpha_grid=[0.1,0.2,...]")
 
