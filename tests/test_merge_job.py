@@ -11,15 +11,18 @@ import open_clip
 import pytest
 import torch
 from rich.console import Console
+from safetensors.torch import load_file
 
 from clmerge import pipeline
 from clmerge.config import (BenchmarkConfig, Config, FinetuneConfig, MergeConfig, ModelConfig, PathsConfig,
                             WorldDataConfig)
 from clmerge.data.registry import derived_seed
 from clmerge.errors import UserError
-from clmerge.merging.job import fold
-from clmerge.models.loading import load_model, register_builtin_configs
-from clmerge.models.tower import load_tower
+from clmerge.hydra_app import compose_config
+from clmerge.merging.job import fold, full_model_entries, merge_params
+from clmerge.merging.methods import get_method
+from clmerge.models.loading import load_model, meta_model, register_builtin_configs
+from clmerge.models.tower import load_tower, trained_parameters
 from clmerge.store import BASE_FILE, FINAL_FILE, finished_finetune, step_file
 
 QUIET = Console(quiet=True)
@@ -76,6 +79,15 @@ def test_alpha_auto_without_a_validation_split_is_one_clear_line(finetuned: Conf
     assert "\n" not in str(err.value)
 
 
+def clip_logits(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits per image, image features, text features, logit scale) from open_clip's forward."""
+    out = model(images, tokens)
+    assert isinstance(out, tuple) and len(out) == 3  # no logit_bias, no output_dict
+    image_features, text_features, logit_scale = out
+    return logit_scale * image_features @ text_features.T, image_features, text_features, logit_scale
+
+
 def test_export_loads_in_open_clip_and_gives_the_merged_models_logits(finetuned: Config, tmp_path: Path) -> None:
     target = tmp_path / "merged.safetensors"
     cfg = with_merge(finetuned, method="ties", alpha=0.7, export=str(target))
@@ -86,13 +98,38 @@ def test_export_loads_in_open_clip_and_gives_the_merged_models_logits(finetuned:
     ours = load_model(cfg.model, "cpu", init_seed=derived_seed(cfg.seed, "init")).model.eval()
     *_, (_, final) = fold(cfg, "ties", cfg.benchmark.num_tasks)
     load_tower(ours, finished_finetune(cfg, 3).load(BASE_FILE), final, scale=0.7)
+    # the checkpoint is the whole state dict (text side and logit_scale included), equal to the merged model's
+    written = load_file(target)
+    state = ours.state_dict()
+    assert set(written) == set(state) and any(not name.startswith("visual.") for name in written)
+    assert all(torch.equal(written[name], state[name]) for name in state)
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    tokens = open_clip.get_tokenizer(cfg.model.name)(["a photo", "a shape"])
+    tokens = open_clip.get_tokenizer(cfg.model.name)(["a photo", "a shape", "a red circle"])
     with torch.no_grad():
-        assert torch.equal(exported.encode_image(images), ours.encode_image(images))
-        assert torch.equal(exported(images, tokens)[0], ours(images, tokens)[0])
+        got, want = clip_logits(exported, images, tokens), clip_logits(ours, images, tokens)
+    logits, image_features, text_features, logit_scale = got
+    assert logits.shape == (4, 3) and text_features.shape[0] == 3
+    assert not torch.equal(text_features[0], text_features[1])  # the text tower tells the prompts apart
+    for name, a, b in zip(("logits", "image features", "text features", "logit_scale"), got, want):
+        assert torch.equal(a, b), name
+    assert float(logit_scale) == pytest.approx(1 / 0.07, rel=1e-5)  # open_clip's init, untouched by the merge
 
 
 def test_export_must_be_safetensors(finetuned: Config, tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"\*.safetensors"):
         pipeline.merge(with_merge(finetuned, export=str(tmp_path / "merged.pt")), QUIET)
+
+
+@pytest.mark.parametrize(("option", "total", "visual"), [("vit_b16", 149_620_737, 86_192_640),
+                                                         ("vit_b32", 151_277_313, 87_849_216)])
+def test_full_model_entries_of_the_vit_configs_are_the_spec_reference_counts(option: str, total: int,
+                                                                            visual: int) -> None:
+    """SPEC.md 0 and 2.2: TIES' N_ref is every floating entry of the full CLIP state dict (302 tensors for
+    ViT-B/16), the visual tower alone is the trained part; counted on the meta device (no weights)."""
+    cfg = compose_config([f"model={option}"])
+    assert full_model_entries(cfg.model) == total
+    model = meta_model(cfg.model)
+    floating = [t for t in model.state_dict().values() if t.dtype.is_floating_point]
+    assert len(floating) == 302 and all(t.device.type == "meta" for t in floating)
+    assert sum(p.numel() for p in trained_parameters(model).values()) == visual
+    assert merge_params(cfg, get_method("ties")).ties_denominator == total  # k_denominator=full_model (default)

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from clmerge.errors import UserError
 from clmerge.merging.engine import merge_final, merge_steps
 from clmerge.merging.methods import METHODS, MergeParams, get_method
+from clmerge.merging.parts import Dare, Step
 from clmerge.merging.sources import open_sources
 
 Vector = dict[str, torch.Tensor]
@@ -170,6 +171,34 @@ def test_dare_composes_with_other_combiners() -> None:
     assert steps("dare_magmax", taus[:1], params)[0]["w"].equal(sparse[0]["w"])
     assert METHODS["dare_ties"].combiner is METHODS["ties"].combiner
     assert METHODS["dare_magmax"].combiner is METHODS["magmax"].combiner
+
+
+@pytest.mark.parametrize(("composite", "base"), [("dare", "task_arithmetic"), ("dare_magmax", "magmax"),
+                                                  ("dare_average", "average"), ("dare_ties", "ties")])
+def test_dare_composites_equal_the_base_method_on_dare_sparsified_vectors(composite: str, base: str) -> None:
+    """dare_<m> over T = 3 tasks = DARE on each tau_t on its own (its (seed, tensor, t) generator), then m.
+
+    DARE replaces TIES' top-k trim: dare_ties is the sign-elected disjoint mean of the DARE vectors with
+    nothing trimmed further, i.e. ties with k = 1 (keep all) on them (as mergekit's dare_ties)."""
+    g = torch.Generator().manual_seed(11)
+    shapes = {"a.weight": (9, 7), "b.bias": (13,), "c.weight": (3, 4, 5)}
+    taus = [{name: torch.randn(shape, generator=g) for name, shape in shapes.items()} for _ in range(3)]
+    params = MergeParams(seed=5, dare_p=0.3)
+    sparse = [{name: Dare(params.dare_p)(tensor, Step(name, t, len(taus), params.seed)) for name, tensor in tau.items()}
+              for t, tau in enumerate(taus, start=1)]
+    # the draws really differ per task and per tensor, and drop something: the check below is not vacuous
+    keeps = [{name: tensor != 0 for name, tensor in tau.items()} for tau in sparse]
+    assert not torch.equal(keeps[0]["a.weight"], keeps[1]["a.weight"])
+    assert all(0 < int(keep.sum()) < keep.numel() for kept in keeps for keep in kept.values())
+    base_params = MergeParams(seed=params.seed, ties_k=1.0)  # plain TIES on the DARE vectors: trim nothing more
+    composed, expected = steps(composite, taus, params), steps(base, sparse, base_params)
+    assert len(composed) == len(expected) == 3
+    for t in range(3):
+        for name in shapes:
+            assert composed[t][name].shape == shapes[name]
+            assert torch.equal(composed[t][name], expected[t][name]), (t + 1, name)
+    final = merge_final(open_sources(taus), get_method(composite), params)  # the chunk-major path
+    assert all(torch.equal(final[name], expected[-1][name]) for name in shapes)
 
 
 def test_default_lambdas_follow_the_spec() -> None:
