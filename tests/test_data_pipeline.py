@@ -78,7 +78,7 @@ def test_two_step_finetune(tmp_path: Path, setting: str, datasets: list[str], fi
 
 def test_run_multi_dataset_scores_each_task_with_its_own_head(tmp_path: Path, monkeypatch) -> None:
     seen: list[tuple[str, str]] = []
-    for module in ("clmerge.training.regimes", "clmerge.evaluation.evaluate"):
+    for module in ("clmerge.training.regimes", "clmerge.evaluation.testset"):
         original = __import__(module, fromlist=["task_split"]).task_split
 
         def spy(cfg, task, split, seed, root="data", transform=None, _original=original):
@@ -172,6 +172,7 @@ def test_val_fraction_carves_each_tasks_validation_images_out_of_its_training_im
             else held == []
     assert val.indices  # the fakes have classes of several images
     assert task_split(carved, task, "val", 0, data, keep).indices == val.indices  # the seed decides
+    assert any(task_split(carved, task, "val", seed, data, keep).indices != val.indices for seed in (1, 2, 3))
     assert len(task_split(carved, task, "test", 0, data, keep)) == len(task_split(whole, task, "test", 0, data, keep))
     with pytest.raises(UserError, match="benchmark.val_fraction=0.1") as err:
         task_split(whole, task, "val", 0, data, keep)
@@ -189,7 +190,8 @@ def test_a_task_whose_classes_have_one_training_image_has_no_validation_split(tm
     assert "\n" not in str(err.value)
 
 
-def test_alpha_auto_on_a_real_dataset_picks_lambda_on_held_out_training_images(tmp_path: Path) -> None:
+def test_alpha_auto_on_a_real_dataset_picks_lambda_on_held_out_training_images(tmp_path: Path,
+                                                                                 monkeypatch) -> None:
     cfg = config(tmp_path, "multi_dataset", ["mnist", "svhn"], prepared(tmp_path, "mnist", "svhn"))
     auto = dataclasses.replace(cfg, merge=dataclasses.replace(cfg.merge, method="average", alpha="auto",
                                                                alpha_grid=[0.5, 1.0]))
@@ -204,5 +206,6 @@ def test_alpha_auto_on_a_real_dataset_picks_lambda_on_held_out_training_images(t
     assert curve["grid"] == [0.5, 1.0] and curve["alpha"] in (0.5, 1.0)
     assert all(0.0 <= a <= 1.0 for a in curve["accuracy"])
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["methods"]["average"]["alpha_auto"] == curve
+    monkeypatch.setattr("clmerge.merging.job.alpha_curve", lambda *args: pytest.fail("the curve was recomputed"))
     pipeline.merge(auto, QUIET, output_dir=tmp_path / "merged")  # reuses the curve the evaluation stored
     assert json.loads((tmp_path / "merged" / "merge.json").read_text())["methods"]["average"]["alpha_auto"] == curve

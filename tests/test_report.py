@@ -122,3 +122,18 @@ def test_report_command_writes_the_files(cli, sweep: Path, tmp_path: Path) -> No
     assert result.exit_code == 0, result.stderr
     assert "forgetting" in result.stdout
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["report.csv", "report.json", "report.md"]
+
+
+def test_results_from_before_and_after_val_fraction_group_together(tmp_path: Path) -> None:
+    older = results("b", 0, {"magmax": (0.5, [[8, 1], [6, 9]])})
+    newer = results("b", 1, {"magmax": (0.5, [[8, 1], [4, 7]])})
+    newer["config"]["benchmark"]["val_fraction"] = 0.0  # written since the field exists; older files lack it
+    carved = results("b", 2, {"magmax": (0.5, [[8, 1], [4, 7]])})
+    carved["config"]["benchmark"]["val_fraction"] = 0.1  # trained on fewer images: another benchmark
+    for name, document in (("old", older), ("new", newer), ("carved", carved)):
+        write(tmp_path / name, document)
+    console = Console(record=True, width=200)
+    make_report([tmp_path], console, out=tmp_path / "report")
+    text = console.export_text()
+    assert "65.0 ± 14.1 (2)" in text  # seeds 0 and 1 averaged in one group
+    assert "val_fraction=0.1" in text

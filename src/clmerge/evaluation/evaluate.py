@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -12,33 +11,16 @@ import torch
 from rich.console import Console
 
 from clmerge.benchmarks import Benchmark
-from clmerge.config import BenchmarkConfig, Config, FinetuneConfig
-from clmerge.data.registry import task_split
-from clmerge.evaluation.accuracy import Counts, TestSet, collect_test_set, count_correct
+from clmerge.config import Config, FinetuneConfig
+from clmerge.evaluation.accuracy import Counts, TestSet, count_correct
 from clmerge.evaluation.control import controls
 from clmerge.evaluation.head_cache import cached_head
-from clmerge.evaluation.testset import split_normalize
+from clmerge.evaluation.testset import decoded_split
 from clmerge.models.loading import LoadedModel
 from clmerge.models.tower import load_tower
 from clmerge.merging.job import fold
 from clmerge.store import BASE_FILE, CheckpointDir, stored_vectors, task_file
 from clmerge.training.regimes import own_merge
-
-
-@contextmanager
-def decoded_test_set(cfg: Config, bench_cfg: BenchmarkConfig, benchmark: Benchmark, seed: int,
-                     loaded: LoadedModel, work_dir: Path) -> Iterator[TestSet]:
-    """Every task's test split, decoded once (real images into a memory-mapped file under `work_dir`, or
-    eval.image_cache_dir, deleted when evaluation ends)."""
-    pixels, normalize = split_normalize(loaded.eval_transform)
-    cache = Path(cfg.eval.image_cache_dir or work_dir) / f".test_images-{os.getpid()}-{benchmark.name}.npy"
-    try:
-        yield collect_test_set([task_split(bench_cfg, task, "test", seed, cfg.paths.data, pixels)
-                                for task in benchmark.tasks],
-                               [task.classes for task in benchmark.tasks], benchmark.num_classes,
-                               cache=cache, normalize=normalize, num_workers=cfg.eval.num_workers)
-    finally:
-        cache.unlink(missing_ok=True)
 
 
 def finetuned_name(finetune: FinetuneConfig) -> str:
@@ -126,10 +108,10 @@ def evaluate_all(cfg: Config, benchmark: Benchmark, loaded: LoadedModel, source:
 
     results: dict[str, dict] = {}
     with ExitStack() as stack:
-        test = stack.enter_context(decoded_test_set(cfg, cfg.benchmark, benchmark, cfg.seed, loaded, work_dir))
+        test = stack.enter_context(decoded_split(cfg, cfg.benchmark, benchmark, cfg.seed, loaded.eval_transform, work_dir))
         main = Probe(benchmark.name, head, test)
         probes = [Probe(c.name, cached_head(model, loaded.tokenizer, c.benchmark, device, heads_root),
-                        stack.enter_context(decoded_test_set(cfg, c.config, c.benchmark, c.seed, loaded, work_dir)))
+                        stack.enter_context(decoded_split(cfg, c.config, c.benchmark, c.seed, loaded.eval_transform, work_dir)))
                   for c in controls(cfg.benchmark, cfg.paths.data, cfg.seed)]
         row = _rows(model, main, probes, cfg, device, zero_shot())
         if cfg.eval.baselines:

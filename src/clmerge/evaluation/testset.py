@@ -9,14 +9,22 @@ with `Normalize` over `ToTensor` pixels, the file holds the exact uint8 pixels (
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.transforms import Compose, Normalize
+
+from clmerge.config import BenchmarkConfig, Config
+from clmerge.data.registry import task_split
+
+if TYPE_CHECKING:
+    from clmerge.benchmarks import Benchmark
 
 Images = torch.Tensor | np.ndarray
 DECODE_BATCH = 256
@@ -113,3 +121,19 @@ def _decode_to_file(splits: list[Dataset], path: Path, as_uint8: bool, num_worke
     array.flush()
     del array
     return np.load(path, mmap_mode="r"), torch.cat(labels)
+
+
+@contextmanager
+def decoded_split(cfg: Config, bench_cfg: BenchmarkConfig, benchmark: Benchmark, seed: int, transform: Callable,
+                  work_dir: Path, split: str = "test") -> Iterator[TestSet]:
+    """Every task's `split` ("test", or "val" for merge.alpha=auto), decoded once through the eval `transform`
+    (real images into a memory-mapped file under `work_dir`, or eval.image_cache_dir, deleted on exit)."""
+    pixels, normalize = split_normalize(transform)
+    cache = Path(cfg.eval.image_cache_dir or work_dir) / f".{split}_images-{os.getpid()}-{benchmark.name}.npy"
+    try:
+        yield collect_test_set([task_split(bench_cfg, task, split, seed, cfg.paths.data, pixels)
+                                for task in benchmark.tasks],
+                               [task.classes for task in benchmark.tasks], benchmark.num_classes,
+                               cache=cache, normalize=normalize, num_workers=cfg.eval.num_workers)
+    finally:
+        cache.unlink(missing_ok=True)

@@ -5,12 +5,15 @@ benchmark.val_fraction of a real task's training images, which fine-tuning then 
 world renders benchmark.world.val_per_class images per class apart from the training ones. The
 score of a lambda is the sample-weighted task-agnostic accuracy of theta_0 + lambda * m_T over the union
 of all tasks' validation splits (the final model, as the reference's headline); ties go to the smaller
-lambda. The whole curve is recorded.
+lambda. The whole curve is recorded. Real validation images are decoded once into a memory-mapped file
+(eval.image_cache_dir, else the system's temporary folder), as the test images are.
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -18,9 +21,9 @@ import torch
 from clmerge.benchmarks import Benchmark
 from clmerge.benchmarks.head import benchmark_head
 from clmerge.config import Config
-from clmerge.data.registry import task_split
 from clmerge.errors import UserError
-from clmerge.evaluation.accuracy import collect_test_set, count_correct
+from clmerge.evaluation.accuracy import count_correct
+from clmerge.evaluation.testset import decoded_split
 from clmerge.models.loading import LoadedModel
 from clmerge.models.tower import load_tower
 
@@ -56,8 +59,8 @@ def check_validation_split(cfg: Config) -> None:
                         "set benchmark.world.val_per_class=N (N > 0) or give a number, e.g. merge.alpha=0.5")
     if cfg.benchmark.dataset != "world" and cfg.benchmark.val_fraction <= 0:
         raise UserError("merge.alpha=auto picks lambda on images held out of training, but benchmark.val_fraction "
-                        "is 0; set benchmark.val_fraction=0.1 (fine-tuning then leaves those images out) or give a "
-                        "number, e.g. merge.alpha=0.5")
+                        "is 0; set benchmark.val_fraction=0.1 (and fine-tune again: it then leaves those images out) "
+                        "or give a number, e.g. merge.alpha=0.5")
     if not cfg.merge.alpha_grid:
         raise UserError("merge.alpha=auto needs a grid; set merge.alpha_grid=[0.1,0.2,...]")
 
@@ -67,17 +70,16 @@ def alpha_curve(cfg: Config, loaded: LoadedModel, benchmark: Benchmark, base: Te
     """Validation accuracy of theta_0 + lambda * merged for every lambda of cfg.merge.alpha_grid."""
     check_validation_split(cfg)
     model = loaded.model
-    val = collect_test_set([task_split(cfg.benchmark, task, "val", cfg.seed, cfg.paths.data, loaded.eval_transform)
-                            for task in benchmark.tasks],
-                           [task.classes for task in benchmark.tasks], benchmark.num_classes)
     load_tower(model, base)
     head = benchmark_head(model, loaded.tokenizer, benchmark, device)
     grid = [float(a) for a in cfg.merge.alpha_grid]
     accuracy = []
-    for alpha in grid:
-        load_tower(model, base, merged, scale=alpha)
-        counts = count_correct(model, head, val, cfg.eval.batch_size, device)
-        correct = counts.aware if benchmark.own_heads else counts.agnostic  # multi-dataset: own heads
-        accuracy.append(sum(correct) / max(sum(val.sizes()), 1))
+    with decoded_split(cfg, cfg.benchmark, benchmark, cfg.seed, loaded.eval_transform, Path(tempfile.gettempdir()),
+                       "val") as val:
+        for alpha in grid:
+            load_tower(model, base, merged, scale=alpha)
+            counts = count_correct(model, head, val, cfg.eval.batch_size, device)
+            correct = counts.aware if benchmark.own_heads else counts.agnostic  # multi-dataset: own heads
+            accuracy.append(sum(correct) / max(sum(val.sizes()), 1))
     best = max(range(len(grid)), key=lambda i: (accuracy[i], -grid[i]))
     return AlphaCurve(grid, accuracy, grid[best])

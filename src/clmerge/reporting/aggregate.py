@@ -128,7 +128,9 @@ def group_runs(runs: list[Run]) -> list[Group]:
     """Runs grouped by benchmark config, rows in order of first appearance, one entry per seed."""
     by_benchmark: dict[str, list[Run]] = {}
     for run in runs:
-        config = run.results.get("config", {}).get("benchmark") or run.results["benchmark"]
+        config = dict(run.results.get("config", {}).get("benchmark") or run.results["benchmark"])
+        if not config.get("val_fraction", 1):  # as in the store keys: results from before the field group alike
+            del config["val_fraction"]
         by_benchmark.setdefault(json.dumps(config, sort_keys=True), []).append(run)
     labels = _labels([json.loads(key) for key in by_benchmark])
     groups = []
