@@ -19,11 +19,12 @@ from clmerge.config import (BenchmarkConfig, Config, FinetuneConfig, MergeConfig
 from clmerge.data.registry import derived_seed
 from clmerge.errors import UserError
 from clmerge.hydra_app import compose_config
-from clmerge.merging.job import fold, full_model_entries, merge_params
+from clmerge.merging.alpha import AlphaCurve
+from clmerge.merging.job import fold, full_model_entries, merge_params, record_auto
 from clmerge.merging.methods import get_method
 from clmerge.models.loading import load_model, meta_model, register_builtin_configs
 from clmerge.models.tower import load_tower, trained_parameters
-from clmerge.store import BASE_FILE, FINAL_FILE, finished_finetune, step_file
+from clmerge.store import BASE_FILE, FINAL_FILE, CheckpointDir, finished_finetune, step_file
 
 QUIET = Console(quiet=True)
 
@@ -133,3 +134,15 @@ def test_full_model_entries_of_the_vit_configs_are_the_spec_reference_counts(opt
     assert len(floating) == 302 and all(t.device.type == "meta" for t in floating)
     assert sum(p.numel() for p in trained_parameters(model).values()) == visual
     assert merge_params(cfg, get_method("ties")).ties_denominator == total  # k_denominator=full_model (default)
+
+
+def test_a_store_that_cannot_be_written_keeps_the_curve_out_of_it_with_a_warning(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def read_only(self: CheckpointDir, wait: bool = True) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(CheckpointDir, "lock", read_only)
+    curve = AlphaCurve([0.5, 1.0], [0.25, 0.5], 1.0)
+    with caplog.at_level("WARNING"):
+        assert record_auto(CheckpointDir(tmp_path / "merge", {}), curve) == {"alpha_auto": curve.to_json()}
+    assert "Permission denied" in caplog.text and not (tmp_path / "merge").exists()

@@ -3,6 +3,7 @@ diagnostics, resolve lambda (a number, the default, or auto) and export the merg
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from clmerge.store import (BASE_FILE, FINAL_FILE, CheckpointDir, finished_finetu
                            step_file, task_file)
 
 Tensors = dict[str, torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 def full_model_entries(model: ModelConfig) -> int:
@@ -178,9 +180,13 @@ def record_auto(store: CheckpointDir, curve: Optional[AlphaCurve]) -> dict[str, 
     and results.json."""
     if curve is None:
         return {}
-    with store.lock():  # re-reads the manifest: another process may have added files to it
-        store.manifest["alpha_auto"] = curve.to_json()
-        store.write_manifest()
+    try:
+        with store.lock():  # re-reads the manifest: another process may have added files to it
+            store.manifest["alpha_auto"] = curve.to_json()
+            store.write_manifest()
+    except OSError as exc:  # a read-only store: the merge itself never needed to write there
+        log.warning("could not keep the merge.alpha=auto curve in %s (%s); later commands will recompute it",
+                    store.path, exc.strerror or exc)
     return {"alpha_auto": curve.to_json()}
 
 
