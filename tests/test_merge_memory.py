@@ -73,6 +73,14 @@ def test_folds_leave_a_core_to_a_running_prefault_thread_and_get_it_back() -> No
         torch.set_num_threads(1)
         with sharing_cores(running):  # one thread is never taken away
             assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        with sharing_cores(running) as cores:  # settle takes the thread back once the worker is done
+            assert torch.get_num_threads() == 1
+            release.set()
+            running.join()
+            cores.settle()
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 2
     finally:
         release.set()
         running.join()
@@ -96,25 +104,6 @@ def test_merges_fold_on_one_thread_fewer_while_prefaulting_and_yield_with_all(mo
                 assert [torch.get_num_threads() for _ in steps] == ([3, 3, 3] if every_step else [3])
                 assert folds and set(folds) == {2}
     finally:
-        torch.set_num_threads(threads)
-
-
-def test_settle_takes_the_thread_back_once_the_prefault_thread_is_done() -> None:
-    threads, release = torch.get_num_threads(), threading.Event()
-    worker = threading.Thread(target=release.wait)
-    worker.start()
-    try:
-        torch.set_num_threads(2)
-        with sharing_cores(worker) as cores:
-            assert torch.get_num_threads() == 1
-            release.set()
-            worker.join()
-            cores.settle()
-            assert torch.get_num_threads() == 2
-        assert torch.get_num_threads() == 2
-    finally:
-        release.set()
-        worker.join()
         torch.set_num_threads(threads)
 
 

@@ -90,7 +90,8 @@ def task_split(cfg: BenchmarkConfig, task: Task, split: str, seed: int, root: Pa
         raise ValueError("real images need the model's transform")
     if split == "val" and cfg.val_fraction <= 0:
         raise UserError(f"task {task.name} has no validation images: benchmark.val_fraction is 0; set "
-                        "benchmark.val_fraction=0.1 and fine-tune again, which holds that share of the training images out")
+                        "benchmark.val_fraction=0.1 and fine-tune again, which holds that share of the training "
+                        "images out")
     local = [c - task.label_offset for c in task.classes]
     stored = "train" if split == "val" else split
     data = load_split(dataset, Path(root), stored, transform, local, task.domain, task.label_offset,

@@ -108,10 +108,11 @@ def evaluate_all(cfg: Config, benchmark: Benchmark, loaded: LoadedModel, source:
 
     results: dict[str, dict] = {}
     with ExitStack() as stack:
-        test = stack.enter_context(decoded_split(cfg, cfg.benchmark, benchmark, cfg.seed, loaded.eval_transform, work_dir))
+        pixels = loaded.eval_transform
+        test = stack.enter_context(decoded_split(cfg, cfg.benchmark, benchmark, cfg.seed, pixels, work_dir))
         main = Probe(benchmark.name, head, test)
         probes = [Probe(c.name, cached_head(model, loaded.tokenizer, c.benchmark, device, heads_root),
-                        stack.enter_context(decoded_split(cfg, c.config, c.benchmark, c.seed, loaded.eval_transform, work_dir)))
+                        stack.enter_context(decoded_split(cfg, c.config, c.benchmark, c.seed, pixels, work_dir)))
                   for c in controls(cfg.benchmark, cfg.paths.data, cfg.seed)]
         row = _rows(model, main, probes, cfg, device, zero_shot())
         if cfg.eval.baselines:
