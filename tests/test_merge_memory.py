@@ -118,7 +118,10 @@ def test_a_final_merge_folds_on_every_thread_once_its_prefault_thread_ends(monke
     def counted(*args: object) -> None:
         folds.append(torch.get_num_threads())
         fold(*args)
-        release.set()  # the prefault thread ends after the first fold
+        release.set()  # the prefault thread ends after the first fold, before the second
+        for thread in threading.enumerate():
+            if thread.name == "clmerge-prefault":
+                thread.join()
 
     monkeypatch.setattr(engine, "_fold_checked", counted)
     vectors = [{"w": torch.randn(8192, generator=torch.Generator().manual_seed(t))} for t in range(3)]
