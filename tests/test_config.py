@@ -9,6 +9,7 @@ import pytest
 from clmerge.config import Config, FinetuneConfig, PretrainConfig
 from clmerge.errors import UserError
 from clmerge.hydra_app import compose_config, expand_jobs, show_config, validate
+from clmerge.merging.methods import METHODS
 from clmerge.store import finetune_key
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -40,6 +41,12 @@ def test_every_group_option_composes_into_the_schema(group: str, option: str) ->
         assert cfg.merge.method == option
     if group == "benchmark":
         assert cfg.benchmark.setting == option.split("/")[0]
+
+
+def test_every_registered_merge_method_is_a_merge_option_with_its_default_lambda() -> None:
+    assert group_options("merge") == sorted(METHODS)
+    for name, method in METHODS.items():
+        assert compose_config([f"merge={name}"]).merge.alpha == method.default_alpha, name
 
 
 def test_benchmarks_hold_the_placeholder_world_values() -> None:

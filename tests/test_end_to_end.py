@@ -71,8 +71,9 @@ def test_finetune_merge_eval_then_a_lambda_sweep(workdir: Path) -> None:
 
 
 def test_pam_run_with_lora_through_the_cli(tmp_path: Path) -> None:
-    result = clmerge("run", "finetune=pam", "finetune.adapter=lora", "finetune.lora.r=4", "finetune.pam.every=2",
-                     "benchmark.num_tasks=3", *TINY, tmp=tmp_path)
+    recipe = ["finetune=pam", "finetune.adapter=lora", "finetune.lora.r=4", "finetune.pam.every=2",
+              "benchmark.num_tasks=3", *TINY]
+    result = clmerge("run", *recipe, tmp=tmp_path)
     assert result.returncode == 0, result.stderr
     [results_file] = (tmp_path / "out" / "run").glob("*/results.json")
     results = json.loads(results_file.read_text())
@@ -84,3 +85,9 @@ def test_pam_run_with_lora_through_the_cli(tmp_path: Path) -> None:
     assert training[2]["pam"]["conflict_rate_protected"] == 0.0
     [run_dir] = (tmp_path / "store" / "finetune").iterdir()
     assert {p.name for p in run_dir.glob("lora_*")} == {f"lora_{i:03d}.safetensors" for i in range(3)}
+
+    merged = clmerge("merge", "--method", "pam", *recipe, tmp=tmp_path)  # PAM's own merge, on its own
+    assert merged.returncode == 0, merged.stderr
+    [record] = (tmp_path / "out" / "merge").glob("*/merge.json")
+    entry = json.loads(record.read_text())["methods"]["pam"]
+    assert entry["alpha"] == 1.0 and (Path(entry["store"]) / "final.safetensors").is_file()

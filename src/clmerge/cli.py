@@ -153,7 +153,7 @@ def merge(overrides: Overrides = None,
           method: Annotated[Optional[str], typer.Option(
               "--method", metavar="NAME", show_default=False,
               help="Merge method (= merge=NAME): magmax, average, task_arithmetic, random_mix, ties, dare, "
-                   "dare_magmax, dare_average, dare_ties or last; with -m, a,b sweeps.")] = None,
+                   "dare_magmax, dare_average, dare_ties, last or pam; with -m, a,b sweeps.")] = None,
           export: Annotated[Optional[Path], typer.Option(
               "--export", metavar="PATH", show_default=False,
               help="Also write the final merged model as a full open_clip checkpoint (*.safetensors; "
@@ -163,7 +163,8 @@ def merge(overrides: Overrides = None,
 
     Reads the fine-tuning run of the same config from the store, writes the final merged vector (every
     step's too with merge.save_steps=true) and diagnostics next to it, and merge.json to the run directory.
-    merge.alpha=auto picks lambda on validation data (benchmark.world.val_per_class > 0).
+    merge.alpha=auto picks lambda on validation data held out of training (benchmark.val_fraction > 0 on
+    real datasets, benchmark.world.val_per_class > 0 on the built-in world).
 
     [bold]Examples[/bold]
 
