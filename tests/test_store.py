@@ -69,6 +69,17 @@ def test_held_out_validation_images_change_the_key_only_when_used(tmp_path: Path
     assert finetune_key(carved) != finetune_key(base)  # it trains on fewer images
 
 
+def test_settings_that_only_evaluation_reads_leave_the_key_alone(tmp_path: Path) -> None:
+    base = make_cfg(tmp_path)
+    world = base.benchmark.world
+    for benchmark in (dataclasses.replace(base.benchmark, control=["world/fog"]),
+                      dataclasses.replace(base.benchmark, world=dataclasses.replace(world, val_per_class=10)),
+                      dataclasses.replace(base.benchmark, world=dataclasses.replace(world, test_per_class=7))):
+        assert finetune_key(dataclasses.replace(base, benchmark=benchmark)) == finetune_key(base)
+    more = dataclasses.replace(base.benchmark, world=dataclasses.replace(world, train_per_class=world.train_per_class + 1))
+    assert finetune_key(dataclasses.replace(base, benchmark=more)) != finetune_key(base)
+
+
 def test_a_second_writer_is_stopped_with_a_clear_error_when_it_may_not_wait(tmp_path: Path) -> None:
     store = finetune_dir(make_cfg(tmp_path))
     with store.lock():

@@ -18,7 +18,7 @@ import logging
 import os
 import re
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from clmerge import __version__
-from clmerge.config import Config
+from clmerge.config import Config, WorldDataConfig
 from clmerge.errors import NotFinetuned, UserError
 from clmerge.manifest import FILE_NAME, SCHEMA_VERSION, read_manifest, sealed_bytes
 
@@ -38,6 +38,7 @@ Tensors = dict[str, torch.Tensor]
 _FINETUNE_KEY_IGNORED = {"num_workers", "device", "log", "optimizer_impl", "distributed", "accumulate",
                          "checkpoint_every"}
 _REGULARIZER_CONFIGS = ("ewc", "lwf")  # finetune sub-configs, each used only by the regularizer of its name
+_WORLD = WorldDataConfig()  # its validation and test images per class enter finetune keys at these defaults
 _TMP_PREFIX = ".tmp-"
 _DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -64,12 +65,16 @@ def _unused_parts(cfg: Config) -> set[str]:
 
 def finetune_subset(cfg: Config) -> dict[str, Any]:
     """The part of the config that decides the fine-tuned weights; a regularizer, PAM and LoRA and their
-    sub-configs, and benchmark.val_fraction, count only when used, so runs without them keep their keys."""
+    sub-configs, and benchmark.val_fraction, count only when used, so runs without them keep their keys.
+    Settings that only evaluation reads enter at fixed values (the world's validation and test images per
+    class at their defaults, no control sets), so that evaluating a run differently never needs a new
+    fine-tuning (real benchmarks keep their keys; world ones, whose control set was in the key, changed once)."""
     regularizer = cfg.finetune.regularizer
     used = {"regularizer", regularizer} if regularizer != "none" else set()
     dropped = _FINETUNE_KEY_IGNORED | _unused_parts(cfg) | ({"regularizer", *_REGULARIZER_CONFIGS} - used)
     finetune = {k: v for k, v in asdict(cfg.finetune).items() if k not in dropped}
-    benchmark = asdict(cfg.benchmark)
+    world = replace(cfg.benchmark.world, val_per_class=_WORLD.val_per_class, test_per_class=_WORLD.test_per_class)
+    benchmark = asdict(replace(cfg.benchmark, control=[], world=world))
     if not benchmark["val_fraction"]:  # held-out validation images change the training set only when used
         del benchmark["val_fraction"]
     return {"benchmark": benchmark, "model": asdict(cfg.model), "finetune": finetune, "seed": cfg.seed}
