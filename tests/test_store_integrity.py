@@ -93,6 +93,10 @@ def test_store_verify_command_exit_status(cli, tmp_path: Path) -> None:
     assert f"damaged: {store.path / BASE_FILE}: does not match its sha256" in damaged.stdout
     assert damaged.stderr.strip() == f"error: 1 problems in 1 keys, 3 recorded files under {tmp_path / 'store'}"
     assert_one_line_error(cli("store", "verify", str(tmp_path / "nowhere")), "is not a clmerge store")
+    run = tmp_path / "out" / "merge" / "2026-11-22_01-00-00"  # a run's output folder looks like a store's
+    (run / ".hydra").mkdir(parents=True)
+    (run / "merge.json").write_text("{}")
+    assert_one_line_error(cli("store", "verify", str(tmp_path / "out")), "is not a clmerge store", "output folder")
 
 
 def test_verify_skips_a_key_another_process_is_writing(tmp_path: Path) -> None:

@@ -34,17 +34,23 @@ class Verdict:
 
 
 def key_dirs(root: Path) -> list[Path]:
-    """Every key directory of the store: finetune/<key>/ and merge/<finetune key>/<key>/."""
-    return sorted([*root.glob("finetune/*/"), *root.glob("merge/*/*/")])
+    """Every key directory of the store: finetune/<key>/ and merge/<finetune key>/<key>/ holding a manifest
+    or the lock its writer takes first (a run's output folder has merge/<date>/<files>, but neither)."""
+    found = [*root.glob("finetune/*/"), *root.glob("merge/*/*/")]
+    return sorted(d for d in found if (d / "manifest.json").exists() or (d / ".lock").exists())
 
 
 def verify_store(root: Path) -> Verdict:
     """Check every key directory under `root`; a root that is not a store is a UserError."""
+    hint = "pass the paths.store directory of your runs"
     if not (root / "finetune").is_dir() and not (root / "merge").is_dir():
-        raise UserError(f"{root} is not a clmerge store (no finetune/ or merge/ inside); pass the paths.store "
-                        "directory of your runs")
+        raise UserError(f"{root} is not a clmerge store (no finetune/ or merge/ inside); {hint}")
+    keys = key_dirs(root)
+    if not keys and any(root.glob("*/*/")):
+        raise UserError(f"{root} is not a clmerge store (no manifest.json or .lock in its folders, as in a run's "
+                        f"output folder); {hint}")
     verdict = Verdict()
-    for directory in key_dirs(root):
+    for directory in keys:
         verdict.keys += 1
         lock = directory / ".lock"
         if not lock.exists():
