@@ -11,6 +11,8 @@ from conftest import TINY, files_under, run_clmerge
 
 from clmerge import hydra_app, pipeline
 from clmerge.config import Config
+from clmerge.merging.methods import METHODS
+from clmerge.reporting.aggregate import METRICS
 
 COMMANDS = ["finetune", "merge", "eval", "run", "pretrain", "config show", "store verify"]
 
@@ -37,6 +39,12 @@ def test_top_level_help_lists_the_commands(cli) -> None:
     assert result.exit_code == 0
     for command in ("finetune", "merge", "eval", "run", "pretrain", "config"):
         assert command in result.stdout
+
+
+def test_help_names_every_merge_method_and_report_metric(cli) -> None:
+    merge_help, report_help = cli("merge", "--help").stdout, cli("report", "--help").stdout
+    assert [m for m in METHODS if m not in merge_help] == []
+    assert [m for m in METRICS if m not in report_help] == []
 
 
 @pytest.fixture

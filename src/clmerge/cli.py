@@ -157,7 +157,8 @@ def merge(overrides: Overrides = None,
           export: Annotated[Optional[Path], typer.Option(
               "--export", metavar="PATH", show_default=False,
               help="Also write the final merged model as a full open_clip checkpoint (*.safetensors; "
-                   "load it with open_clip.create_model(NAME, pretrained=PATH)).")] = None,
+                   "load it with open_clip.create_model(NAME, pretrained=PATH); for world-tiny, call "
+                   "clmerge.models.loading.register_builtin_configs() first).")] = None,
           benchmark: Benchmark = None, seed: Seed = None, multirun: Multirun = False, cfg: Cfg = None) -> None:
     """Merge the fine-tuned task vectors with one merge method.
 
@@ -260,7 +261,8 @@ def report_command(
             "--metric", metavar="NAME",
             help="Metric of the printed table: final_accuracy, final_accuracy_weighted, "
                  "average_incremental_accuracy, own_task_accuracy, forgetting, backward_transfer, "
-                 "forward_transfer, zscl_transfer, zscl_average or future_zero_shot_change_mean.")] = "final_accuracy",
+                 "forward_transfer, zscl_transfer, zscl_average, future_zero_shot_change_mean or "
+                 "zero_shot_retention_final.")] = "final_accuracy",
         protocol: Annotated[str, typer.Option(
             "--protocol", metavar="agnostic|aware",
             help="Task-agnostic (all-class head) or task-aware (each task's own classes).")] = "agnostic",

@@ -156,7 +156,7 @@ def evaluate(cfg: Config, console: Console, output_dir: Path, timings: Optional[
 
 
 def run(cfg: Config, console: Console, output_dir: Path) -> dict:
-    """finetune, then merge with every method of cfg.eval.methods, then evaluate."""
+    """finetune, then evaluate (which merges with every method of cfg.eval.methods as it goes)."""
     start = time.perf_counter()
     finetune(cfg, console, output_dir)
     if not main_process():
