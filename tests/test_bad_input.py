@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import files_under
+from conftest import TINY, files_under
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_cli import assert_one_line_error
@@ -107,3 +107,55 @@ def test_odd_characters_in_names(cli, tmp_path: Path, command: str, key: str, na
                                            ("model.name", "a/../../b"), ("model.name", "x;rm -rf")])
 def test_names_that_would_leave_the_store_are_refused(cli, tmp_path: Path, key: str, name: str) -> None:
     check(cli, tmp_path, "finetune", f"{key}='{name}'")
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["merge", "merge.alpha=nan"], "merge.alpha=nan is not a finite number"),
+    (["merge", "merge.alpha=-inf"], "merge.alpha=-inf is not a finite number"),
+    (["merge", "merge.alpha=true"], "merge.alpha=True is not a finite number"),
+    (["eval", "--methods", "magmax", "merge.alpha=nan"], "merge.alpha=nan is not a finite number"),
+    (["merge", "merge.alpha=auto", "merge.alpha_grid=[0.5,inf]", "benchmark.world.val_per_class=2"],
+     "merge.alpha_grid=[0.5, inf] holds a value that is not a finite number"),
+    (["run", "--methods", "dare", "merge.dare.p=1.0"], "merge.dare.p=1.0 is not valid"),
+    (["run", "finetune.regime=pam", "eval.methods=[]", "merge.ties.scope=rows"], "merge.ties.scope=rows"),  # PAM's own
+    (["eval", "merge.granularity=rows"], "merge.granularity=rows is not valid"),
+    (["merge", "-m", "--method", "ties", "merge.ties.k=0.2,2"], "merge.ties.k=2.0 is not valid"),
+    (["merge", "merge.alpha=${nope}"], "cannot resolve the interpolation in merge.alpha=${nope}"),
+])
+def test_bad_merge_settings_fail_before_any_job_runs(cli, tmp_path: Path, args: list[str], fragment: str) -> None:
+    result = cli(*args, *TINY, f"paths.store={tmp_path / 'store'}", f"paths.output={tmp_path / 'out'}")
+    assert_one_line_error(result, fragment)
+    assert files_under(tmp_path) == []
+
+
+def test_merge_settings_are_not_checked_where_nothing_is_merged(cli, tmp_path: Path) -> None:
+    result = cli("eval", "finetune.regime=joint", "merge.dare.p=1.0", *TINY, f"paths.store={tmp_path / 'store'}",
+                 f"paths.output={tmp_path / 'out'}")
+    assert_one_line_error(result, "nothing is fine-tuned for this config")
+
+
+def test_export_paths_are_checked_before_the_merge(cli, tmp_path: Path) -> None:
+    checkpoint = tmp_path / "store" / "finetune" / "key" / "task_000.safetensors"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"a checkpoint")
+    (tmp_path / "folder.safetensors").mkdir()
+    for export, fragment in ((checkpoint, "is inside the checkpoint store"),
+                             (tmp_path / "store" / "merged.safetensors", "is inside the checkpoint store"),
+                             (tmp_path / "folder.safetensors", "is a folder; name a file in it"),
+                             (tmp_path / "nowhere" / "m.safetensors", "does not exist; create it first"),
+                             (tmp_path / "m.pt", "name it *.safetensors")):
+        result = cli("merge", "--export", str(export), *TINY, f"paths.store={tmp_path / 'store'}",
+                     f"paths.output={tmp_path / 'out'}")
+        assert_one_line_error(result, f"--export {export}", fragment)
+    assert files_under(tmp_path) == [checkpoint] and checkpoint.read_bytes() == b"a checkpoint"
+
+
+@pytest.mark.parametrize("key", ["paths.store", "paths.output"])
+def test_a_directory_setting_naming_a_file_is_one_line(cli, tmp_path: Path, key: str) -> None:
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    for value, fragment in ((file, "is a file"), (file / "below", f"lies below the file {file}")):
+        result = cli("merge", *TINY, f"paths.store={tmp_path / 'store'}", f"paths.output={tmp_path / 'out'}",
+                     f"{key}={value}")
+        assert_one_line_error(result, f"{key}={value} {fragment}")
+    assert files_under(tmp_path) == [file]

@@ -10,6 +10,7 @@ import pytest
 from conftest import TINY, files_under, run_clmerge
 
 from clmerge import hydra_app, pipeline
+from clmerge.cli import _quoted
 from clmerge.config import Config
 from clmerge.merging.methods import METHODS
 from clmerge.reporting.aggregate import METRICS
@@ -83,7 +84,7 @@ def test_forward_to_hydra_rewrites_argv_once_and_restores_it(monkeypatch: pytest
 
 
 @pytest.mark.parametrize(("args", "fragments"), [
-    (["merge", "--method", "magmx"], ["unknown merge method 'magmx'", "average, dare", "magmax, random_mix"]),
+    (["merge", "--method", "magmx"], ["unknown merge method 'magmx'", "average, dare", "magmax, pam, random_mix"]),
     (["run", "--benchmark", "cifar"], ["unknown benchmark 'cifar'", "class_incremental/world"]),
     (["finetune", "model=vit"], ["unknown model 'vit'", "world_tiny"]),
     (["finetune", "finetune.lr=fast"], ["finetune.lr=fast", "could not be converted to Float"]),
@@ -95,12 +96,33 @@ def test_forward_to_hydra_rewrites_argv_once_and_restores_it(monkeypatch: pytest
     (["finetune", "--bogus"], ["unknown option '--bogus'"]),
     (["pretrain", "stepz=3"], ["unknown config key 'stepz'"]),
     (["merge", "-m", "--cfg", "job", "seed=0,1"], ["--cfg shows one config", "drop -m"]),
+    (["merge", "-m", "--method", "magmax,average", "--export", "s.safetensors"],
+     ["jobs 0 and 1 of the sweep would both write --export s.safetensors", "${merge.method}"]),
+    (["merge", "-m", "merge.export=s.safetensors,./s.safetensors"], ["jobs 0 and 1", "./s.safetensors"]),
+    (["merge", "--export", "${x}.safetensors", "merge.alpha=${nope}"], ["merge.alpha=${nope}"]),
 ])
 def test_user_mistakes_are_one_line_exit_2_and_write_nothing(cli, paths, tmp_path: Path, args: list[str],
                                                              fragments: list[str]) -> None:
     result = cli(*args, *paths)
     assert_one_line_error(result, *fragments)
     assert files_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("args", [["merge.export=a.safetensors,b.safetensors"],
+                                  ["--method", "magmax,average", "merge.export=${merge.method}.safetensors"]])
+def test_a_sweep_exporting_to_distinct_paths_passes_the_export_check(cli, paths, tmp_path: Path,
+                                                                     args: list[str]) -> None:
+    result = cli("merge", "-m", *args, *paths)
+    assert_one_line_error(result, "nothing is fine-tuned for this config")  # the job ran: no store yet
+    assert files_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("path", ["/runs/${x}.safetensors", "/runs/${oc.env:HOME}.safetensors", "it's.safetensors",
+                                  "a\\${x}.safetensors", "a\\'b.safetensors", "ends\\", "a b,c=[d].safetensors"])
+def test_an_export_path_reaches_the_config_literally(path: str) -> None:
+    for jobs in (hydra_app.validate("merge", [f"merge.export={_quoted(Path(path))}"]),
+                 hydra_app.validate("merge", [f"merge.export={_quoted(Path(path))}", "seed=0,1"], multirun=True)):
+        assert [cfg.merge.export for cfg in jobs] == [str(Path(path))] * len(jobs)
 
 
 def test_config_show_prints_yaml_and_rejects_bad_overrides(cli) -> None:
@@ -162,4 +184,4 @@ def test_the_entry_point_runs_without_warnings(tmp_path: Path) -> None:
     result = run_clmerge(["merge", "--method", "nope"], cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr == ("error: unknown merge method 'nope'; valid merge methods: average, dare, dare_average, "
-                             "dare_magmax, dare_ties, last, magmax, random_mix, task_arithmetic, ties\n")
+                             "dare_magmax, dare_ties, last, magmax, pam, random_mix, task_arithmetic, ties\n")

@@ -108,7 +108,7 @@ def test_unknown_group_options_list_the_valid_names() -> None:
     with pytest.raises(UserError) as info:
         compose_config(["merge=magmx"])
     assert str(info.value) == ("unknown merge method 'magmx'; valid merge methods: average, dare, dare_average, "
-                               "dare_magmax, dare_ties, last, magmax, random_mix, task_arithmetic, ties")
+                               "dare_magmax, dare_ties, last, magmax, pam, random_mix, task_arithmetic, ties")
     with pytest.raises(UserError) as info:
         compose_config(["benchmark=cifar100"])
     assert str(info.value) == (
@@ -143,8 +143,9 @@ def test_multirun_expands_sweeps_like_the_basic_sweeper() -> None:
 
 def test_glob_sweeps_see_the_options_and_never_the_schemas() -> None:
     jobs = expand_jobs(["merge=glob(*)"], multirun=True)
-    assert sorted(jobs) == [[f"merge={name}"] for name in ("average", "dare", "dare_average", "dare_magmax", "dare_ties",
-                                                           "last", "magmax", "random_mix", "task_arithmetic", "ties")]
+    names = ("average", "dare", "dare_average", "dare_magmax", "dare_ties", "last", "magmax", "pam", "random_mix",
+             "task_arithmetic", "ties")
+    assert sorted(jobs) == [[f"merge={name}"] for name in names]
 
 
 def test_every_job_of_a_sweep_is_validated() -> None:
@@ -163,3 +164,23 @@ def test_hydra_overrides_are_validated_too() -> None:
 def test_show_config_prints_the_composed_yaml() -> None:
     text = show_config(["benchmark=domain_incremental/world", "seed=4"])
     assert "setting: domain_incremental" in text and "seed: 4" in text and "hydra" not in text
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("merge.alpha=${nope}", "cannot resolve the interpolation in merge.alpha=${nope}: Interpolation key 'nope' not "
+                            "found; refer to an existing key"),
+    ("merge.export='${oc.env:CLMERGE_NO_SUCH_VARIABLE}/m.safetensors'",
+     "cannot resolve the interpolation in merge.export='${oc.env:CLMERGE_NO_SUCH_VARIABLE}/m.safetensors': "),
+    ("seed=${paths.store}", "cannot resolve the interpolation in seed=${paths.store}: "),
+    ("merge.alpha='${nope'", "cannot read the interpolation in merge.alpha='${nope'"),
+])
+def test_an_interpolation_that_does_not_resolve_is_one_line_naming_the_override(override: str, message: str) -> None:
+    with pytest.raises(UserError) as info:
+        compose_config([override])
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    assert str(info.value).endswith("write a literal ${ as \\${")
+
+
+def test_an_interpolation_that_resolves_is_kept() -> None:
+    cfg = compose_config(["paths.output=/runs", "merge.export=${paths.output}/m.safetensors"])
+    assert cfg.merge.export == "/runs/m.safetensors"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import open_clip
@@ -19,12 +20,12 @@ from clmerge.config import (BenchmarkConfig, Config, FinetuneConfig, MergeConfig
 from clmerge.data.registry import derived_seed
 from clmerge.errors import UserError
 from clmerge.hydra_app import compose_config
-from clmerge.merging.alpha import AlphaCurve
+from clmerge.merging.alpha import AlphaCurve, parse_alpha
 from clmerge.merging.job import fold, full_model_entries, merge_params, record_auto
 from clmerge.merging.methods import get_method
 from clmerge.models.loading import load_model, meta_model, register_builtin_configs
 from clmerge.models.tower import load_tower, trained_parameters
-from clmerge.store import BASE_FILE, FINAL_FILE, CheckpointDir, finished_finetune, step_file
+from clmerge.store import BASE_FILE, FINAL_FILE, CheckpointDir, finished_finetune, step_file, task_file
 
 QUIET = Console(quiet=True)
 
@@ -44,6 +45,14 @@ def finetuned(tmp_path_factory: pytest.TempPathFactory) -> Config:
                  paths=PathsConfig(store=str(root / "store"), output=str(root / "out")), threads=1)
     pipeline.finetune(cfg, QUIET)
     return cfg
+
+
+@pytest.fixture
+def copied(finetuned: Config, tmp_path: Path) -> Config:
+    """The fine-tuned run (no merges) in a store of the test's own, which the test may damage."""
+    store = tmp_path / "store"
+    shutil.copytree(finetuned.paths.store, store, ignore=shutil.ignore_patterns("merge"))
+    return dataclasses.replace(finetuned, paths=dataclasses.replace(finetuned.paths, store=str(store)))
 
 
 def test_merge_stores_the_final_vector_and_diagnostics_only(finetuned: Config, tmp_path: Path) -> None:
@@ -146,3 +155,50 @@ def test_a_store_that_cannot_be_written_keeps_the_curve_out_of_it_with_a_warning
     with caplog.at_level("WARNING"):
         assert record_auto(CheckpointDir(tmp_path / "merge", {}), curve) == {"alpha_auto": curve.to_json()}
     assert "Permission denied" in caplog.text and not (tmp_path / "merge").exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), True, False, "nan", "-inf", "fast", [1]])
+def test_parse_alpha_refuses_what_is_not_a_finite_number(value: object) -> None:
+    with pytest.raises(UserError, match=r"is not a finite number; use a number"):
+        parse_alpha(value)
+
+
+def test_parse_alpha_takes_finite_numbers_null_and_auto() -> None:
+    assert [parse_alpha(v) for v in (0.5, "0.25", 2, -1.5, None, "auto")] == [0.5, 0.25, 2.0, -1.5, None, "auto"]
+
+
+@pytest.mark.parametrize("where", ["folder", "store"])
+def test_export_refuses_a_folder_and_a_file_of_the_store(copied: Config, tmp_path: Path, where: str) -> None:
+    source = finished_finetune(copied, 3)
+    checkpoint = source.path / task_file(0)
+    before = checkpoint.read_bytes()
+    target, fragment = checkpoint, "is inside the checkpoint store"
+    if where == "folder":
+        target, fragment = tmp_path / "d.safetensors", "is a folder"
+        target.mkdir()
+    with pytest.raises(UserError, match=fragment):
+        pipeline.merge(with_merge(copied, export=str(target)), QUIET)
+    assert checkpoint.read_bytes() == before and target.exists()
+
+
+def test_a_damaged_stored_merge_is_refused_naming_it_and_remade_once_deleted(copied: Config) -> None:
+    [path] = pipeline.merge(copied, QUIET).values()
+    final = path / FINAL_FILE
+    intact = final.read_bytes()
+    with final.open("r+b") as handle:
+        handle.truncate(1000)
+    with pytest.raises(UserError) as err:
+        pipeline.merge(copied, QUIET)
+    assert str(err.value).startswith(f"{final} does not match its sha256") and "\n" not in str(err.value)
+    final.unlink()
+    pipeline.merge(copied, QUIET)
+    assert final.read_bytes() == intact
+
+
+def test_a_damaged_source_leaves_no_merge_folder(copied: Config) -> None:
+    damaged = finished_finetune(copied, 3).path / task_file(2)
+    with damaged.open("r+b") as handle:
+        handle.truncate(1000)
+    with pytest.raises(UserError, match=f"{damaged} does not match its sha256"):
+        pipeline.merge(with_merge(copied, method="average"), QUIET)
+    assert not (Path(copied.paths.store) / "merge").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 from clmerge.config import REGIMES, Config
 from clmerge.data.world import DOMAINS
@@ -28,8 +29,21 @@ def check_config(cfg: Config) -> None:
     _check_counts(cfg)
     _check_recipe_values(cfg)
     for key, value in (("paths.store", cfg.paths.store), ("paths.output", cfg.paths.output)):
-        if not value.strip():
-            raise UserError(f"{key} is empty; set it to a directory, e.g. {key}=clmerge-runs/store")
+        _check_directory(key, value)
+
+
+def _check_directory(key: str, value: str) -> None:
+    """A directory setting must name a folder that exists or can be made: not a file, nor a path below one."""
+    if not value.strip():
+        raise UserError(f"{key} is empty; set it to a directory, e.g. {key}=clmerge-runs/store")
+    path = Path(value)
+    try:
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    except OSError:  # e.g. a folder that cannot be searched: the command that writes there reports it
+        return
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == path else f"lies below the file {existing}"
+        raise UserError(f"{key}={value} {where}, not a directory; set {key} to a directory")
 
 
 def _check_names(cfg: Config) -> None:

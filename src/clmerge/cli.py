@@ -7,6 +7,7 @@ ends with one line on stderr and exit status 2.
 
 from __future__ import annotations
 
+import re
 import sys
 from enum import Enum
 from pathlib import Path
@@ -144,8 +145,15 @@ def finetune(overrides: Overrides = None, benchmark: Benchmark = None, seed: See
 
 
 def _quoted(value: Optional[Path]) -> Optional[str]:
-    """A value as a quoted Hydra string (paths may hold characters the override grammar reads)."""
-    return None if value is None else "'" + str(value).replace("'", "\\'") + "'"
+    """A value as a quoted Hydra string that reaches the config literally: paths may hold quotes and backslashes,
+    which the override grammar reads, and ${, which OmegaConf would resolve."""
+    if value is None:
+        return None
+    # OmegaConf: \${ is a literal ${, and backslashes before it are doubled
+    text = re.sub(r"(\\*)\$\{", lambda m: 2 * m[1] + "\\${", str(value))
+    # Hydra: in a quoted string, backslashes before a quote (or before the closing quote) are doubled, \' is a quote
+    text = re.sub(r"(\\*)('|\Z)", lambda m: 2 * m[1] + ("\\'" if m[2] else ""), text)
+    return f"'{text}'"
 
 
 @app.command(context_settings=_PASS_THROUGH)
@@ -156,8 +164,9 @@ def merge(overrides: Overrides = None,
                    "dare_magmax, dare_average, dare_ties, last or pam; with -m, a,b sweeps.")] = None,
           export: Annotated[Optional[Path], typer.Option(
               "--export", metavar="PATH", show_default=False,
-              help="Also write the final merged model as a full open_clip checkpoint (*.safetensors; "
-                   "load it with open_clip.create_model(NAME, pretrained=PATH); for world-tiny, call "
+              help="Also write the final merged model as a full open_clip checkpoint (*.safetensors, outside "
+                   "paths.store; an existing file there is replaced; load it with "
+                   "open_clip.create_model(NAME, pretrained=PATH); for world-tiny, call "
                    "clmerge.models.loading.register_builtin_configs() first).")] = None,
           benchmark: Benchmark = None, seed: Seed = None, multirun: Multirun = False, cfg: Cfg = None) -> None:
     """Merge the fine-tuned task vectors with one merge method.

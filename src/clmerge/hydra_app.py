@@ -33,8 +33,8 @@ from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
-from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException,
-                              ValidationError)
+from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, GrammarParseError, InterpolationResolutionError,
+                              MissingMandatoryValue, OmegaConfBaseException, ValidationError)
 from rich.console import Console
 
 from clmerge.config import Config, PretrainConfig
@@ -98,7 +98,8 @@ def show_config(overrides: list[str], config_name: str = "config") -> str:
 def _compose_job(config_name: str, overrides: list[str], hydra_overrides: list[str]) -> tuple[DictConfig, AnyConfig]:
     """Compose one job (inside `_composer`): its DictConfig without the hydra node, and its typed config."""
     groups = _task_groups()
-    for override in _parse(hydra_overrides + overrides):
+    parsed = _parse(hydra_overrides + overrides)
+    for override in parsed:
         _check_override(override, config_name, groups)
     try:
         cfg = compose(config_name, hydra_overrides + overrides, return_hydra_config=bool(hydra_overrides))
@@ -112,7 +113,17 @@ def _compose_job(config_name: str, overrides: list[str], hydra_overrides: list[s
     except MissingMandatoryValue as err:
         key = err.full_key or "?"
         raise UserError(f"no value for {key}; set one with the override {key}=VALUE") from None
+    except InterpolationResolutionError as err:
+        raise _interpolation_error(err, parsed) from None
     return cfg, typed
+
+
+def _interpolation_error(err: InterpolationResolutionError, parsed: list[Override]) -> UserError:
+    """One line naming the override whose ${...} does not resolve."""
+    key = err.full_key or "?"
+    named = [o.input_line for o in parsed if o.key_or_group == key and o.input_line]
+    return UserError(f"cannot resolve the interpolation in {named[-1] if named else key}: {_first_line(err)}; "
+                     f"refer to an existing key (e.g. ${{paths.output}}), or write a literal ${{ as \\${{")
 
 
 def _parse(overrides: list[str]) -> list[Override]:
@@ -205,6 +216,10 @@ def _composition_error(err: BaseException, config_name: str) -> UserError:
     message = _first_line(err)
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key:
         return _unknown_key(config_name, cause.full_key)
+    if isinstance(cause, GrammarParseError):
+        override = message.removeprefix("Error merging override ")
+        return UserError(f"cannot read the interpolation in {override}: {_first_line(cause)}; "
+                         "close it (${key}), or write a literal ${ as \\${")
     if isinstance(cause, ValidationError):
         override = message.removeprefix("Error merging override ")
         return UserError(f"bad value in {override}: {_first_line(cause)}; see `clmerge config show` for the types")
@@ -268,13 +283,13 @@ def _preflight(command: str, cfg: AnyConfig) -> None:
     from clmerge.benchmarks import build_benchmark
     from clmerge.checks import check_config
     from clmerge.evaluation.control import controls
-    from clmerge.merging.alpha import check_validation_split, parse_alpha
-    from clmerge.merging.job import check_mergeable
+    from clmerge.merging.alpha import parse_alpha
     from clmerge.models.loading import meta_model
     from clmerge.models.lora import check_lora
     from clmerge.training.finetune import check_recipe
 
     check_config(cfg)  # also every merge method named, in every command
+    parse_alpha(cfg.merge.alpha)  # a lambda no merge could use is a mistake in any command
     build_benchmark(cfg.benchmark)
     if command in ("eval", "run"):
         controls(cfg.benchmark, None, cfg.seed)
@@ -282,11 +297,42 @@ def _preflight(command: str, cfg: AnyConfig) -> None:
         check_recipe(cfg.finetune)
         if cfg.finetune.adapter == "lora":
             check_lora(cfg.finetune.lora, meta_model(cfg.model))
+    _check_merges(command, cfg)
+
+
+def _check_merges(command: str, cfg: Config) -> None:
+    """The merge settings of the merges `command` will run, and merge's --export path."""
+    from clmerge.merging.alpha import check_validation_split, parse_alpha
+    from clmerge.merging.export import check_export_path
+    from clmerge.merging.job import check_merge_settings, check_mergeable
+    from clmerge.training.regimes import evaluated_methods
+
     if command == "merge":
         check_mergeable(cfg)
-    methods = {"merge": [cfg.merge.method], "eval": cfg.eval.methods, "run": cfg.eval.methods}.get(command, [])
+        if cfg.merge.export:
+            check_export_path(Path(cfg.merge.export), Path(cfg.paths.store))
+    methods = [cfg.merge.method] if command == "merge" else evaluated_methods(cfg) if command in ("eval", "run") else []
+    if methods:
+        check_merge_settings(cfg)
     if cfg.merge.method in methods and parse_alpha(cfg.merge.alpha) == "auto":
         check_validation_split(cfg)
+
+
+def _check_distinct_exports(command: str, configs: list[AnyConfig]) -> None:
+    """The jobs of a merge sweep must not export to one path: each would overwrite the one before."""
+    if command != "merge":
+        return
+    seen: dict[Path, int] = {}
+    for job, cfg in enumerate(configs):
+        export = cfg.merge.export if isinstance(cfg, Config) else None
+        if not export:
+            continue
+        path = Path(export).resolve()
+        if path in seen:
+            raise UserError(f"jobs {seen[path]} and {job} of the sweep would both write --export {export}, each "
+                            "overwriting the one before; name a file per job, e.g. "
+                            "'merge.export=${merge.method}.safetensors', or export one job at a time without -m")
+        seen[path] = job
 
 
 def launch(command: str, args: list[str], multirun: bool = False) -> None:
@@ -301,6 +347,7 @@ def launch(command: str, args: list[str], multirun: bool = False) -> None:
     if not inspect:
         for cfg in configs:
             _preflight(command, cfg)
+        _check_distinct_exports(command, configs)
     hydra_args = [*flags, *(["--multirun"] if multirun else []), f"hydra.job.name={command}", *overrides]
     try:
         forward_to_hydra(_MAINS[command], hydra_args)

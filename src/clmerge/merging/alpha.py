@@ -11,6 +11,7 @@ lambda. The whole curve is recorded. Real validation images are decoded once int
 
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,13 +44,17 @@ class AlphaCurve:
 
 
 def parse_alpha(value: Any) -> Optional[float | str]:
-    """A configured lambda: None (the method's default), a number, or "auto"; anything else is an error."""
+    """A configured lambda: None (the method's default), a finite number, or "auto"; anything else is an error."""
     if value is None or value == "auto":
         return value
     try:
-        return float(value)
+        alpha = None if isinstance(value, bool) else float(value)
     except (TypeError, ValueError):
-        raise UserError(f"merge.alpha={value} is not a number; use a number, null (the default) or auto") from None
+        alpha = None
+    if alpha is None or not math.isfinite(alpha):
+        raise UserError(f"merge.alpha={value} is not a finite number; use a number, e.g. merge.alpha=0.5, "
+                        "null (the method's default) or auto")
+    return alpha
 
 
 def check_validation_split(cfg: Config) -> None:
@@ -63,6 +68,9 @@ def check_validation_split(cfg: Config) -> None:
                         "or give a number, e.g. merge.alpha=0.5")
     if not cfg.merge.alpha_grid:
         raise UserError("merge.alpha=auto needs a grid; set merge.alpha_grid=[0.1,0.2,...]")
+    if not all(math.isfinite(alpha) for alpha in cfg.merge.alpha_grid):
+        raise UserError(f"merge.alpha_grid={list(cfg.merge.alpha_grid)} holds a value that is not a finite number; "
+                        "use finite numbers, e.g. merge.alpha_grid=[0.1,0.2,0.3]")
 
 
 def alpha_curve(cfg: Config, loaded: LoadedModel, benchmark: Benchmark, base: Tensors, merged: Tensors,

@@ -36,15 +36,24 @@ def full_model_entries(model: ModelConfig) -> int:
     return sum(t.numel() for t in meta_model(model).state_dict().values() if t.dtype.is_floating_point)
 
 
-def merge_params(cfg: Config, method: MergeMethod) -> MergeParams:
-    """The MergeParams of `method` under cfg.merge (checked)."""
+def check_merge_settings(cfg: Config) -> None:
+    """The merge.* knobs every merge reads (ties, dare, granularity); needs no model or data."""
     ties, dare = cfg.merge.ties, cfg.merge.dare
     if ties.scope not in ("global", "tensor"):
         raise UserError(f"merge.ties.scope={ties.scope} is not valid; use global or tensor")
     if ties.k_denominator not in ("full_model", "stored"):
         raise UserError(f"merge.ties.k_denominator={ties.k_denominator} is not valid; use full_model or stored")
-    if not 0.0 <= ties.k <= 1.0 or not 0.0 <= dare.p < 1.0:
-        raise UserError("merge.ties.k must lie in [0, 1] and merge.dare.p in [0, 1)")
+    if not 0.0 <= ties.k <= 1.0:
+        raise UserError(f"merge.ties.k={ties.k} is not valid; use a share in [0, 1], e.g. merge.ties.k=0.2")
+    if not 0.0 <= dare.p < 1.0:
+        raise UserError(f"merge.dare.p={dare.p} is not valid; use a drop rate in [0, 1), e.g. merge.dare.p=0.5")
+    merges_factors(cfg)  # checks merge.granularity
+
+
+def merge_params(cfg: Config, method: MergeMethod) -> MergeParams:
+    """The MergeParams of `method` under cfg.merge (checked)."""
+    check_merge_settings(cfg)
+    ties, dare = cfg.merge.ties, cfg.merge.dare
     # the reference's N_ref counts the dense model's entries; LoRA factors are a different, far smaller set, over
     # which that N_ref would keep everything: factor merges trim over their stored entries
     uses_reference = (method.sparsify == "topk" and ties.scope == "global" and ties.k_denominator == "full_model"
@@ -104,6 +113,16 @@ def fold(cfg: Config, name: str, num_tasks: int, every_step: bool = True):
             yield t, dense(merged)
 
 
+def is_stored(target: CheckpointDir, names: list[str]) -> bool:
+    """Whether every file of `names` is stored in `target`, each hash-checked: a damaged one is a one-line
+    error naming it (delete it and rerun)."""
+    if not all(target.has(name) for name in names):
+        return False
+    for name in names:
+        target.verified_path(name)
+    return True
+
+
 def merged_store(cfg: Config, name: str, num_tasks: int, console: Console) -> CheckpointDir:
     """Store m_T (and every m_t if merge.save_steps) with diagnostics; computed once, then reused."""
     method = get_method(name)
@@ -111,20 +130,21 @@ def merged_store(cfg: Config, name: str, num_tasks: int, console: Console) -> Ch
     source = finished_finetune(cfg, num_tasks)
     target = method_store(cfg, name)
     steps = [step_file(t) for t in range(1, num_tasks + 1)] if cfg.merge.save_steps else []
-    if target.has(FINAL_FILE) and all(target.has(step) for step in steps):
+    if is_stored(target, [FINAL_FILE, *steps]):
         return target
-    with target.lock(), ExitStack() as stack:
-        sources = task_sources(cfg, source, num_tasks, stack)
+    with ExitStack() as stack:
+        sources = task_sources(cfg, source, num_tasks, stack)  # checked before the target folder is made
         dense = densifier(cfg, source)
-        start = time.perf_counter()
-        merged: Tensors = {}
-        for t, merged in merge_steps(sources, method, params, every_step=bool(steps)):
-            if steps:
-                target.save(step_file(t), dense(merged), step=t)
-        target.save(FINAL_FILE, dense(merged), step=num_tasks)
-        target.manifest["seconds"] = time.perf_counter() - start
-        target.manifest["diagnostics"] = diagnostics(sources, merged, owners=method.name == "magmax")
-        target.write_manifest()
+        with target.lock():
+            start = time.perf_counter()
+            merged: Tensors = {}
+            for t, merged in merge_steps(sources, method, params, every_step=bool(steps)):
+                if steps:
+                    target.save(step_file(t), dense(merged), step=t)
+            target.save(FINAL_FILE, dense(merged), step=num_tasks)
+            target.manifest["seconds"] = time.perf_counter() - start
+            target.manifest["diagnostics"] = diagnostics(sources, merged, owners=method.name == "magmax")
+            target.write_manifest()
     console.print(f"merged {num_tasks} tasks with {method.name} in {target.manifest['seconds']:.2f} s")
     return target
 
@@ -192,9 +212,10 @@ def record_auto(store: CheckpointDir, curve: Optional[AlphaCurve]) -> dict[str, 
 
 def export(deployment: Deployment, name: str, store: CheckpointDir, alpha: float, path: Path) -> Path:
     """Write theta_0 + alpha * m_T as a full open_clip checkpoint."""
-    from clmerge.merging.export import export_checkpoint
+    from clmerge.merging.export import check_export_path, export_checkpoint
 
     cfg = deployment.cfg
+    check_export_path(path, Path(cfg.paths.store))
     final = merge_final_of(cfg, name, store, len(deployment.benchmark.tasks))
     metadata = {"format": "pt", "clmerge_method": name, "alpha": alpha, "model": cfg.model.name,
                 "merge_key": store.manifest["key"]}
