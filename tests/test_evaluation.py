@@ -99,6 +99,90 @@ def test_zero_shot_heads_are_cached_by_text_weights_and_prompts(tmp_path: Path, 
         assert head_cache.head_key(loaded.model, benchmark, cpu) != key
 
 
+@pytest.fixture(scope="module")
+def head_inputs():
+    """A random tiny CLIP, a two-task world benchmark and the CPU (the model is not changed by the tests)."""
+    from clmerge.benchmarks import build_benchmark
+    from clmerge.config import ModelConfig
+    from clmerge.models.loading import load_model
+
+    cpu = torch.device("cpu")
+    benchmark = build_benchmark(BenchmarkConfig(name="w", setting="class_incremental", dataset="world",
+                                                templates="world", num_tasks=2))
+    return load_model(ModelConfig(pretrained="none"), cpu, init_seed=0), benchmark, cpu
+
+
+def _truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[:100])
+
+
+def _flip_last_byte(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 0x10
+    file.write_bytes(bytes(data))
+
+
+def _without_checksum(file: Path) -> None:  # as clmerge wrote heads before they carried a checksum (here stale)
+    from safetensors.torch import load_file, save_file
+
+    save_file({"head": load_file(str(file))["head"] + 1}, str(file))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_last_byte, _without_checksum],
+                         ids=["truncated", "bit-flip", "no-checksum"])
+def test_a_damaged_cached_head_is_computed_again_and_rewritten(tmp_path: Path, head_inputs, damage,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    from clmerge.evaluation import head_cache
+
+    loaded, benchmark, cpu = head_inputs
+    head = head_cache.cached_head(loaded.model, loaded.tokenizer, benchmark, cpu, tmp_path)
+    [file] = tmp_path.glob("*.safetensors")
+    assert torch.equal(head_cache.read_head(file), head)
+    damage(file)
+    with pytest.raises(head_cache.DamagedHead):
+        head_cache.read_head(file)
+    with caplog.at_level("WARNING"):
+        again = head_cache.cached_head(loaded.model, loaded.tokenizer, benchmark, cpu, tmp_path)
+    assert torch.equal(again, head)
+    assert f"the cached zero-shot head {file}" in caplog.text and "computing it again" in caplog.text
+    assert torch.equal(head_cache.read_head(file), head)  # rewritten, with its checksum
+    assert [p.name for p in tmp_path.iterdir()] == [file.name]  # no temporary file left
+
+
+@pytest.mark.parametrize("obstacle", ["permission", "file in the way"])
+def test_a_head_cache_that_cannot_be_written_is_skipped_with_one_warning(
+        tmp_path: Path, head_inputs, obstacle: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    import errno
+
+    from clmerge.benchmarks.head import benchmark_head
+    from clmerge.evaluation import head_cache
+
+    loaded, benchmark, cpu = head_inputs
+    root = tmp_path / "store" / "heads"
+    if obstacle == "permission":  # what a read-only store gives (root ignores permission bits)
+        real_mkdir = Path.mkdir
+
+        def mkdir(self: Path, *args, **kwargs) -> None:
+            if self == root:
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            real_mkdir(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "mkdir", mkdir)
+        (tmp_path / "store").mkdir()
+    else:
+        (tmp_path / "store").write_text("a file where the store folder should be")
+    with caplog.at_level("WARNING"):
+        first = head_cache.cached_head(loaded.model, loaded.tokenizer, benchmark, cpu, root)
+        second = head_cache.cached_head(loaded.model, loaded.tokenizer, benchmark, cpu, root)
+    assert torch.equal(first, benchmark_head(loaded.model, loaded.tokenizer, benchmark, cpu))
+    assert torch.equal(second, first) and not root.exists()
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    reason = "Permission denied" if obstacle == "permission" else "Not a directory"
+    assert len(warnings) == 1 and warnings[0].startswith("zero-shot heads are not cached, but computed when needed: "
+                                                         f"cannot create {root}: {reason}")
+
+
 @pytest.mark.parametrize("entry, message", [
     ("world/nowhere", "names no world domain"), ("cifar100/sketch", "only world/<domain> takes a domain"),
     ("no_such_dataset", "no_such_dataset")])

@@ -1,5 +1,6 @@
 """Fault injection on the real `clmerge` command (slow): SIGKILL at random points and inside file writes,
-SIGTERM, a full disk, two writers on one store key and a joblib multirun over a shared store.
+SIGTERM, a full disk, two writers on one store key, a joblib multirun over a shared store and a store the
+user may only read.
 
 Every test ends by comparing the task vectors with an uninterrupted run's (sha256, hence bit for bit) and
 by `verify_store`. The SIGKILL test prints where its kills landed (`-s`); docs/reliability.md has the counts.
@@ -11,6 +12,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -186,3 +188,37 @@ def test_a_joblib_multirun_over_a_shared_store_key_gives_intact_results(tmp_path
     assert len({d["store"]["finetune"] for d in documents}) == 1  # both jobs used one key
     assert len(list((store / "finetune").iterdir())) == 1
     assert verify_store(store).intact
+
+
+# root without the capabilities that bypass permission bits: a user to whom a chmod a-w store is read-only
+AS_ANOTHER_USER = ["setpriv", "--inh-caps=-dac_override,-dac_read_search,-fowner",
+                   "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_a_read_only_store_serves_run_on_a_finished_run_and_refuses_new_work_in_one_line(
+        reference: tuple[dict[str, str], float], tmp_path: Path) -> None:
+    expected, _ = reference
+    store, out = tmp_path / "store", tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    assert subprocess.run(command(store, out), env=env, capture_output=True, timeout=900).returncode == 0
+    before = sorted((p, p.stat().st_mtime_ns) for p in store.rglob("*"))
+    subprocess.run(["chmod", "-R", "a-w", str(store)], check=True)
+    try:
+        clmerge = str(Path(sys.executable).with_name("clmerge"))
+        run = [*AS_ANOTHER_USER, clmerge, "run", "--methods", "magmax", *TINY, f"paths.store={store}",
+               f"paths.output={out}"]
+        result = subprocess.run(run, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr
+        log = result.stdout + result.stderr
+        assert log.count("zero-shot heads are not cached, but computed when needed") == 1
+        assert len(list(out.glob("run/*/results.json"))) == 1
+        new_key = subprocess.run([*AS_ANOTHER_USER, *command(store, out, "seed=1")], env=env, capture_output=True,
+                                 text=True, timeout=900)
+        assert new_key.returncode == 2
+        [line] = new_key.stderr.strip().splitlines()
+        assert line.startswith(f"error: cannot create {store / 'finetune'}/") and ": Permission denied; " in line
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(store)], check=True)
+    assert sorted((p, p.stat().st_mtime_ns) for p in store.rglob("*")) == before
+    assert task_hashes(store) == expected and verify_store(store).intact

@@ -14,8 +14,9 @@ from test_cli import assert_one_line_error
 from test_store import make_cfg
 
 from clmerge.errors import UserError
+from clmerge.evaluation.head_cache import CHECKSUM, head_sha256
 from clmerge.manifest import SEAL
-from clmerge.store import BASE_FILE, CheckpointDir, finetune_dir, key_path, task_file
+from clmerge.store import BASE_FILE, CheckpointDir, atomic_save_tensors, finetune_dir, key_path, task_file
 from clmerge.store_verify import verify_store
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "clmerge"
@@ -81,6 +82,30 @@ def test_verify_finds_every_damaged_file_and_names_it(tmp_path: Path) -> None:
     assert not verdict.intact and verdict.keys == 1 and verdict.files == 3
     assert [line.split(":")[0] for line in verdict.damaged] == [str(store.path / task_file(i)) for i in (0, 1)]
     assert len(verdict.unrecorded) == 1 and ".tmp-task_002" in verdict.unrecorded[0]
+
+
+def test_verify_checks_the_cached_heads_and_names_the_damaged_ones(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    small_store(tmp_path)
+    heads = tmp_path / "store" / "heads"
+    heads.mkdir()
+    for name in ("a_intact", "b_flipped", "c_truncated"):
+        head = torch.randn(20, 8)
+        atomic_save_tensors(heads / f"{name}.safetensors", {"head": head}, metadata={CHECKSUM: head_sha256(head)})
+    save_file({"head": torch.randn(20, 8)}, str(heads / "d_old.safetensors"))  # before heads carried a checksum
+    assert verify_store(tmp_path / "store").intact
+    flip_byte(heads / "b_flipped.safetensors", -1)
+    (heads / "c_truncated.safetensors").write_bytes((heads / "c_truncated.safetensors").read_bytes()[:100])
+    verdict = verify_store(tmp_path / "store")
+    assert verdict.heads == 4 and verdict.files == 3 and not verdict.intact
+    assert verdict.damaged == [
+        f"{heads / 'b_flipped.safetensors'}: cached zero-shot head does not match its checksum (damaged); "
+        "eval computes it again (or delete it)",
+        f"{heads / 'c_truncated.safetensors'}: cached zero-shot head cannot be read (Error while deserializing "
+        "header: invalid header length); eval computes it again (or delete it)"]
+    assert verdict.unrecorded == [f"{heads / 'd_old.safetensors'}: cached zero-shot head has no checksum (written "
+                                  "by an older clmerge); not checked, eval computes it again"]
 
 
 def test_store_verify_command_exit_status(cli, tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from clmerge.merging.job import (Deployment, check_mergeable, configured_alpha, 
                                  record_auto, resolve)
 from clmerge.models.loading import LoadedModel, load_model
 from clmerge.models.tower import freeze_all_but_tower, snapshot
-from clmerge.store import BASE_FILE, finetune_dir, finished_finetune, task_file
+from clmerge.store import BASE_FILE, finetune_dir, finished_finetune, stored_vectors, task_file
 from clmerge.training.distributed import RankStore, join, main_process
 from clmerge.training.finetune import check_recipe, task_recipe, train_task
 from clmerge.training.precision import resolve_device, with_precision
@@ -45,11 +45,28 @@ def _model_and_benchmark(cfg: Config, device: torch.device) -> tuple[LoadedModel
     return load_model(cfg.model, device, init_seed=derived_seed(cfg.seed, "init")), benchmark
 
 
+def _check_base(store: RankStore, base: dict[str, torch.Tensor]) -> None:
+    """The stored theta_0 (hash-checked) must be the pretrained weights loaded now."""
+    if any(not torch.equal(base[k], v) for k, v in store.load(BASE_FILE).items()):
+        raise UserError(f"the pretrained weights differ from {store.path / BASE_FILE}; "
+                        f"delete {store.path} or use another paths.store")
+
+
+def _complete(store: RankStore, cfg: Config, num_tasks: int) -> bool:
+    """Whether the run is marked complete and holds theta_0 and every task vector: nothing is left to write.
+
+    Manifests are replaced atomically and a complete run never changes, so this needs no lock (as eval
+    reads a run without one), and a read-only store serves."""
+    vectors = [task_file(i) for i in range(stored_vectors(cfg, num_tasks))]
+    return store.manifest.get("status") == "complete" and all(store.has(f) for f in [BASE_FILE, *vectors])
+
+
 def finetune(cfg: Config, console: Console, output_dir: Optional[Path] = None) -> Path:
     """Fine-tune every task of the benchmark (skipping tasks already in the store); returns the run's dir.
 
     With `finetune.log=csv`, every optimizer step is appended to output_dir/training_log.csv. A task resumes
     from its latest step checkpoint (finetune.checkpoint_every, or SIGTERM, which stops the run: `Preempted`).
+    A complete run is only checked (theta_0 against the pretrained weights), without taking its lock.
     """
     check_recipe(cfg.finetune)
     cfg = with_precision(cfg, check=True)
@@ -60,12 +77,14 @@ def finetune(cfg: Config, console: Console, output_dir: Optional[Path] = None) -
     store = RankStore(finetune_dir(cfg), shard)
     params = freeze_all_but_tower(loaded.model)
     base = snapshot(loaded.model)
+    if _complete(store, cfg, len(benchmark.tasks)):
+        _check_base(store, base)
+        console.print(f"[dim]every task is fine-tuned already ({store.path}), skipped[/dim]")
+        return store.path
     tower = make_tower(cfg, loaded.model, params, base, derived_seed(cfg.seed, "lora_init"))
     with store.lock(), resumable(store.store) as resume:
         if store.has(BASE_FILE):
-            if any(not torch.equal(base[k], v) for k, v in store.load(BASE_FILE).items()):
-                raise UserError(f"the pretrained weights differ from {store.path / BASE_FILE}; "
-                                f"delete {store.path} or use another paths.store")
+            _check_base(store, base)
         else:
             store.manifest["benchmark"] = benchmark.to_json()
             store.save(BASE_FILE, base, role="theta_0")

@@ -5,7 +5,9 @@ Layout (DESIGN.md):
     <root>/merge/<finetune-key>/<method>-<hash>/manifest.json, step_001.safetensors, ...
 Every file is written to a temporary name, flushed, fsynced and renamed; the manifest is written last,
 so a file only counts once the manifest names it with its sha256. A write that fails (disk full, file-size
-limit) leaves no temporary file and records nothing. Key directories never leave the store root.
+limit, no permission, a read-only file system) leaves no temporary file and records nothing, and one that the
+user can fix is one UserError line, as is a file that cannot be read. Files get the permission bits of an
+ordinary new file (the umask), so other users can read a shared store. Key directories never leave the store root.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import json
 import logging
 import os
 import re
-from contextlib import contextmanager
+import stat
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -41,6 +44,16 @@ _REGULARIZER_CONFIGS = ("ewc", "lwf")  # finetune sub-configs, each used only by
 _WORLD = WorldDataConfig()  # its validation and test images per class enter finetune keys at these defaults
 _TMP_PREFIX = ".tmp-"
 _DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_ACCESS_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS)
+_IN_THE_WAY_ERRORS = (errno.EEXIST, errno.ENOTDIR, errno.EISDIR)  # a file where a folder must be, or the reverse
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how the safetensors (Rust) writer names the OS error
+
+
+class NotWritable(UserError, OSError):
+    """A folder clmerge must write to refuses it (permissions, a read-only file system): one line naming it.
+
+    Also an OSError, so a best-effort write that tolerates an unwritable store (merge.alpha=auto's curve) goes on.
+    """
 
 
 def config_hash(payload: Any) -> str:
@@ -94,12 +107,29 @@ def merge_key(method: str, params: dict[str, Any]) -> str:
 
 
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
+    """Hex sha256 of a file's bytes; a file that cannot be read is one UserError line naming it."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise unreadable(path, exc) from None
     return digest.hexdigest()
+
+
+def unreadable(path: Path, exc: OSError) -> UserError:
+    """The one-line error of a store file that cannot be read (no permission, a folder in its place)."""
+    return UserError(f"cannot read {path}: {exc.strerror or exc}; give this user read permission to it, or "
+                     "delete it and rerun the command that wrote it")
+
+
+def load_manifest(file: Path) -> dict[str, Any]:
+    """`read_manifest`, with a manifest that cannot be read as one UserError line naming it."""
+    try:
+        return read_manifest(file)
+    except OSError as exc:
+        raise unreadable(file, exc) from None
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -115,28 +145,73 @@ def _tmp_path(path: Path) -> Path:
 
 
 @contextmanager
-def _writing(path: Path, tmp: Path) -> Iterator[None]:
-    """Remove `tmp` if the write fails; a full disk or file-size limit becomes one UserError line."""
+def _mapped(path: Path, action: str = "write") -> Iterator[None]:
+    """Turn a failure to `action` `path` that the user can fix (full disk, no permission, a read-only file
+    system, a file in the way) into one UserError line; any other failure passes through."""
     try:
         yield
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        reason = _disk_failure(exc)
-        if reason:
-            raise UserError(f"cannot write {path}: {reason}; free disk space there (or set paths.store / "
-                            "paths.output to a larger disk) and rerun: finished work is kept") from None
-        raise
+        error = _write_error(path, action, exc)
+        if error is None:
+            raise
+        raise error from None
 
 
-def _disk_failure(exc: BaseException) -> str:
-    """The reason of a write that failed for lack of space, or "" for any other failure."""
-    if isinstance(exc, OSError) and exc.errno in _DISK_ERRORS:
-        return exc.strerror or os.strerror(exc.errno)
-    if isinstance(exc, SafetensorError):  # the Rust writer reports the OS error in its message only
-        for code in _DISK_ERRORS:
-            if f"(os error {code})" in str(exc):
-                return os.strerror(code)
-    return ""
+def _errno_of(exc: BaseException) -> int | None:
+    """The OS error code of a failed write (the safetensors writer reports it in its message only)."""
+    if isinstance(exc, OSError):
+        return exc.errno
+    if isinstance(exc, SafetensorError):
+        found = _RUST_OS_ERROR.search(str(exc))
+        return int(found.group(1)) if found else None
+    return None
+
+
+def _write_error(path: Path, action: str, exc: BaseException) -> UserError | None:
+    """The one-line error of failing to `action` `path` with `exc`, or None when the user cannot fix it."""
+    code = _errno_of(exc)
+    if code is None:
+        return None
+    failed = getattr(exc, "filename", None)  # the path the OS refused (for `mkdir -p`, maybe a parent of `path`)
+    folder = Path(failed).parent if failed else path.parent
+    problem = f"cannot {action} {path}: {os.strerror(code)}"
+    if code in _DISK_ERRORS:
+        return UserError(f"{problem}; free disk space there (or set paths.store / paths.output to a larger disk) "
+                         "and rerun: finished work is kept")
+    if code in _ACCESS_ERRORS:
+        fix = "mount it writable" if code == errno.EROFS else f"give this user write permission to {folder}"
+        return NotWritable(f"{problem}; {fix} or set paths.store / paths.output to a writable folder")
+    if code in _IN_THE_WAY_ERRORS:
+        return UserError(f"{problem} (a file or folder is in the way); move it away (or set paths.store / "
+                         "paths.output to another folder) and rerun")
+    return None
+
+
+def make_dir(path: Path) -> None:
+    """Create `path` and its parents; one that cannot be created is one UserError line naming it."""
+    with _mapped(path, "create"):
+        path.mkdir(parents=True, exist_ok=True)
+
+
+@contextmanager
+def _writing(path: Path, tmp: Path) -> Iterator[None]:
+    """Remove `tmp` if the write fails; a failure the user can fix (see `_mapped`) becomes one UserError line."""
+    with _mapped(path):
+        try:
+            yield
+        except BaseException:
+            with suppress(FileNotFoundError):  # never created, or its writer removed it
+                tmp.unlink()
+            raise
+
+
+def _new_file_mode(path: Path) -> int:
+    """Create `path` empty and return its permission bits: those of any new file there (umask, default ACL)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        return stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -156,7 +231,10 @@ def atomic_save_tensors(path: Path, tensors: Tensors, metadata: dict[str, str] |
     tmp = _tmp_path(path)
     contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     with _writing(path, tmp):
-        save_file(contiguous, str(tmp), metadata=metadata)
+        mode = _new_file_mode(tmp)
+        save_file(contiguous, str(tmp), metadata=metadata)  # through a file of its own, created with mode 0600
+        with suppress(OSError):  # a file system without permission bits (FAT) keeps its own
+            os.chmod(tmp, mode)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         digest = sha256_file(tmp)
@@ -181,11 +259,11 @@ class CheckpointDir:
         file = self.path / "manifest.json"
         if not file.exists():
             return {"schema_version": SCHEMA_VERSION, "clmerge_version": __version__, **self._header, "files": {}}
-        return read_manifest(file)
+        return load_manifest(file)
 
     def write_manifest(self) -> None:
         """Persist the manifest (sealed with its sha256) atomically."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        make_dir(self.path)
         atomic_write_bytes(self.path / "manifest.json", sealed_bytes(self.manifest))
 
     def has(self, name: str) -> bool:
@@ -196,22 +274,18 @@ class CheckpointDir:
         """Write a tensor file atomically, then record it (with `info`) in the manifest."""
         if not FILE_NAME.fullmatch(name):
             raise ValueError(f"{name!r} is not a plain .safetensors file name")
-        self.path.mkdir(parents=True, exist_ok=True)
+        make_dir(self.path)
         digest = atomic_save_tensors(self.path / name, tensors)
         self.manifest["files"][name] = {"sha256": digest, **info}
         self.write_manifest()
 
     def load(self, name: str) -> Tensors:
         """Load a recorded tensor file after checking its sha256."""
-        if name not in self.manifest["files"]:
-            raise UserError(f"{self.path / name} is not recorded in the manifest; rerun the command that writes it")
-        file = self.path / name
-        if not file.exists():
-            raise UserError(f"{file} is missing; rerun the command that writes it")
-        expected = self.manifest["files"][name]["sha256"]
-        if sha256_file(file) != expected:
-            raise UserError(f"{file} does not match its sha256 in the manifest (damaged); delete it and rerun")
-        return load_file(str(file))
+        file = self.verified_path(name)
+        try:
+            return load_file(str(file))
+        except OSError as exc:
+            raise unreadable(file, exc) from None
 
     def verified_path(self, name: str) -> Path:
         """The path of a recorded file after checking its sha256, for readers that stream it themselves."""
@@ -237,7 +311,8 @@ class CheckpointDir:
     def _remove_stale_temporaries(self) -> None:
         """Temporary files of writers that died mid-write (only called while holding the lock)."""
         for tmp in self.path.glob(f"{_TMP_PREFIX}*"):
-            tmp.unlink(missing_ok=True)
+            with _mapped(tmp, "remove"):
+                tmp.unlink(missing_ok=True)
 
     @contextmanager
     def lock(self, wait: bool = True) -> Iterator[None]:
@@ -245,8 +320,10 @@ class CheckpointDir:
 
         A second writer waits for the first (`wait`), or stops at once with a clear error.
         """
-        self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / ".lock", "w") as handle:
+        make_dir(self.path)
+        with _mapped(self.path / ".lock"):  # opened to write: a store this user cannot write fails here, early
+            handle = open(self.path / ".lock", "w")
+        with handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
