@@ -14,6 +14,7 @@ from typing import Any, Optional
 import yaml
 
 from clmerge.errors import UserError
+from clmerge.reporting.schema import Invalid, check_results
 
 RESULTS = "results.json"
 EVALUATING_JOBS = ("eval", "run")  # the commands whose jobs write results.json
@@ -52,15 +53,25 @@ def _overrides(job_dir: Path) -> str:
         return ""
 
 
-def read_results(path: Path) -> dict[str, Any]:
-    """A results.json document; an unreadable or foreign file is a one-line UserError."""
+def read_json(path: Path, fix: str) -> Any:
+    """The JSON document in `path`; an unreadable or unparsable file is a one-line UserError ending in `fix`."""
     try:
-        results = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read {path} ({type(err).__name__}: {err}); delete or rewrite it") from None
-    if not isinstance(results, dict) or "methods" not in results or "test_sizes" not in results:
-        raise UserError(f"{path} is not a clmerge results.json (no methods or test_sizes); remove it from "
-                        "the paths given to `clmerge report`")
+        raise UserError(f"cannot read {path} ({type(err).__name__}: {err}); {fix}") from None
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A results.json document, its structure checked: an unreadable, foreign or malformed file is a one-line
+    UserError naming the file (it stops the report, whichever other files are fine)."""
+    results = read_json(path, "delete or rewrite it")
+    if not isinstance(results, dict) or not {"schema_version", "methods", "test_sizes"} <= results.keys():
+        raise UserError(f"{path} is not a clmerge results.json (no schema_version, methods or test_sizes); remove it "
+                        "from the paths given to `clmerge report`")
+    try:
+        check_results(results)
+    except Invalid as err:
+        raise UserError(f"{path}: {err}; rerun `clmerge eval` for that run or remove the file") from None
     return results
 
 

@@ -4,18 +4,21 @@ lambda where lambda was swept; and each merge.alpha=auto validation curve. Value
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Optional
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from clmerge.errors import UserError
+from clmerge.manifest import read_manifest
 from clmerge.reporting.aggregate import Group, RowKey
-from clmerge.reporting.collect import Collection
+from clmerge.reporting.collect import Collection, Run, read_json
+from clmerge.reporting.schema import Invalid, check_curve, check_merge_record
 
 DPI = 100
+Curve = tuple[str, str, dict[str, Any]]  # (finetune key, merge method, its merge.alpha=auto validation curve)
 
 
 def _slug(text: str) -> str:
@@ -109,32 +112,58 @@ def lambda_series(group: Group) -> dict[tuple[str, str], tuple[list[float], list
             for name, points in series.items() if len(points) > 1}
 
 
-def auto_curves(found: Collection) -> Iterator[tuple[str, str, dict[str, Any]]]:
+def _merge_record_curves(path: Path) -> list[Curve]:
+    """The merge.alpha=auto choices of one merge.json; a damaged file is a one-line UserError."""
+    fix = "rerun `clmerge merge` for that run or remove the file"
+    document = read_json(path, fix)
+    try:
+        check_merge_record(document)
+    except Invalid as err:
+        raise UserError(f"{path}: {err}; {fix}") from None
+    finetune = Path(document["finetune"]).name
+    return [(finetune, name, m["alpha_auto"]) for name, m in document["methods"].items() if "alpha_auto" in m]
+
+
+def _manifest_curve(path: Path) -> Optional[dict[str, Any]]:
+    """The merge.alpha=auto curve kept in a merge manifest (None or {} without one); damage is a one-line
+    UserError."""
+    fix = f"delete {path.parent} and rerun `clmerge merge`"
+    try:
+        curve = read_manifest(path).get("alpha_auto")
+        if curve:
+            check_curve(curve, "alpha_auto")
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({err.strerror or err}); {fix}") from None
+    except Invalid as err:
+        raise UserError(f"{path}: {err}; {fix}") from None
+    return curve
+
+
+def _store_curves(run: Run) -> list[Curve]:
+    """The merge.alpha=auto choices kept in the merge manifests of a run's store (none without the store)."""
+    store = ((run.results.get("config") or {}).get("paths") or {}).get("store")
+    keys = run.results.get("store") or {}
+    if not store:
+        return []
+    manifests = {name: Path(store) / "merge" / keys["finetune"] / key / "manifest.json"
+                 for name, key in (keys.get("merge") or {}).items()}
+    curves = {name: _manifest_curve(path) for name, path in manifests.items() if path.is_file()}
+    return [(keys["finetune"], name, curve) for name, curve in curves.items() if curve]
+
+
+def auto_curves(found: Collection) -> list[Curve]:
     """(finetune key, method, curve) of every merge.alpha=auto choice in merge.json files and in the merge
-    manifests of the runs' stores (each once)."""
-    seen: set[tuple[str, str]] = set()
-    records: list[tuple[str, str, dict[str, Any]]] = []
-    for path in found.merge_records:
-        document = json.loads(path.read_text())
-        finetune = Path(document.get("finetune", "")).name
-        records += [(finetune, name, m["alpha_auto"]) for name, m in document.get("methods", {}).items()
-                    if "alpha_auto" in m]
-    for run in found.runs:
-        store, keys = run.results.get("config", {}).get("paths", {}).get("store"), run.results.get("store", {})
-        for name, key in keys.get("merge", {}).items():
-            manifest = Path(store or ".") / "merge" / keys.get("finetune", "") / key / "manifest.json"
-            if store and manifest.is_file():
-                curve = json.loads(manifest.read_text()).get("alpha_auto")
-                if curve:
-                    records.append((keys["finetune"], name, curve))
+    manifests of the runs' stores (each once). A damaged file stops the report, as a damaged results.json does."""
+    records = [curve for path in found.merge_records for curve in _merge_record_curves(path)]
+    records += [curve for run in found.runs for curve in _store_curves(run)]
+    unique: dict[tuple[str, str], Curve] = {}
     for finetune, name, curve in records:
-        if (finetune, name) not in seen:
-            seen.add((finetune, name))
-            yield finetune, name, curve
+        unique.setdefault((finetune, name), (finetune, name, curve))
+    return list(unique.values())
 
 
-def write_plots(groups: list[Group], found: Collection, root: Path) -> list[Path]:
-    """Every plot of the report under `root`; returns the files."""
+def write_plots(groups: list[Group], curves: list[Curve], root: Path) -> list[Path]:
+    """Every plot of the report under `root`, with the merge.alpha=auto `curves`; returns the files."""
     written = []
     for group in groups:
         folder = root / _slug(group.label)
@@ -146,7 +175,7 @@ def write_plots(groups: list[Group], found: Collection, root: Path) -> list[Path
             label = method + (f" [{variant}]" if variant else "")
             written.append(_line(folder / f"lambda-{_slug(label)}.png", f"{group.label}: {label}",
                                  {"final accuracy (test)": points}, "final accuracy (%)"))
-    for finetune, method, curve in auto_curves(found):
+    for finetune, method, curve in curves:
         written.append(_line(root / "alpha-auto" / f"{_slug(finetune)}-{_slug(method)}.png",
                              f"{method} on {finetune}: merge.alpha=auto",
                              {"validation accuracy": (curve["grid"], curve["accuracy"])},
