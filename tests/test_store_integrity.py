@@ -116,7 +116,8 @@ def test_store_verify_command_exit_status(cli, tmp_path: Path) -> None:
     damaged = cli("store", "verify", str(tmp_path / "store"))
     assert damaged.exit_code == 1
     assert f"damaged: {store.path / BASE_FILE}: does not match its sha256" in damaged.stdout
-    assert damaged.stderr.strip() == f"error: 1 problems in 1 keys, 3 recorded files under {tmp_path / 'store'}"
+    assert damaged.stderr.strip() == (f"error: 1 problems in 1 keys, 3 recorded files, 0 cached heads under "
+                                      f"{tmp_path / 'store'}")
     assert_one_line_error(cli("store", "verify", str(tmp_path / "nowhere")), "is not a clmerge store")
     run = tmp_path / "out" / "merge" / "2026-11-22_01-00-00"  # a run's output folder looks like a store's
     (run / ".hydra").mkdir(parents=True)

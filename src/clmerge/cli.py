@@ -373,7 +373,7 @@ def data_list() -> None:
 @store_app.command("verify")
 def store_verify(store: Annotated[Path, typer.Argument(
         metavar="STORE", help="The checkpoint store (paths.store of the runs).")] = Path("clmerge-runs/store")) -> None:
-    """Check every manifest of the store and the sha256 of every file it records.
+    """Check every manifest of the store, the sha256 of every file it records and of every cached head.
 
     Prints one line per damaged or missing file; exit status 0 when all is intact, 1 when something is
     damaged, 2 when STORE is not a store. Keys another process is writing are skipped.
@@ -391,7 +391,7 @@ def store_verify(store: Annotated[Path, typer.Argument(
         typer.echo(f"note: {line}")
     for line in verdict.damaged:
         typer.echo(f"damaged: {line}")
-    summary = f"{verdict.keys} keys, {verdict.files} recorded files under {store}"
+    summary = f"{verdict.keys} keys, {verdict.files} recorded files, {verdict.heads} cached heads under {store}"
     if not verdict.intact:
         typer.echo(f"error: {len(verdict.damaged)} problems in {summary}", err=True)
         raise typer.Exit(1)

@@ -21,6 +21,7 @@ from clmerge.data.registry import derived_seed
 from clmerge.errors import UserError
 from clmerge.evaluation.evaluate import evaluate_all
 from clmerge.merging.engine import check_finite
+from clmerge.merging.export import check_export_path
 from clmerge.merging.job import (Deployment, check_mergeable, configured_alpha, export, merged_store, method_store,
                                  record_auto, resolve)
 from clmerge.models.loading import LoadedModel, load_model
@@ -128,6 +129,8 @@ def merge(cfg: Config, console: Console, methods: Optional[list[str]] = None,
     num_tasks = len(benchmark.tasks)
     if cfg.merge.export and len(names) > 1:
         raise UserError("--export writes one model; merge one method at a time")
+    if cfg.merge.export:  # before any merge: the CLI checks it in preflight, library callers here
+        check_export_path(Path(cfg.merge.export), Path(cfg.paths.store))
     stores = {name: merged_store(cfg, name, num_tasks, console) for name in names}
     needs_model = cfg.merge.export or any(configured_alpha(cfg, name) == "auto" for name in names)
     deployment = None
