@@ -69,6 +69,9 @@ def merges_factors(cfg: Config) -> bool:
     if granularity not in ("auto", "product", "factors"):
         raise UserError(f"merge.granularity={granularity} is not valid; use auto, product or factors")
     if cfg.finetune.adapter != "lora":
+        if granularity == "factors":
+            raise UserError("merge.granularity=factors merges LoRA factors, but this run fine-tunes the full tower "
+                            "(finetune.adapter=none); drop the setting, or fine-tune with finetune.adapter=lora")
         return False
     return granularity == "factors" or (granularity == "auto" and cfg.finetune.regime == "pam")
 
