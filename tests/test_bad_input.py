@@ -140,7 +140,7 @@ def test_export_paths_are_checked_before_the_merge(cli, tmp_path: Path) -> None:
     checkpoint.write_bytes(b"a checkpoint")
     (tmp_path / "folder.safetensors").mkdir()
     for export, fragment in ((checkpoint, "is inside the checkpoint store"),
-                             (tmp_path / "store" / "merged.safetensors", "is inside the checkpoint store"),
+                             (tmp_path / "store" / "heads" / "m.safetensors", "is inside the checkpoint store"),
                              (tmp_path / "folder.safetensors", "is a folder; name a file in it"),
                              (tmp_path / "nowhere" / "m.safetensors", "does not exist; create it first"),
                              (tmp_path / "m.pt", "name it *.safetensors")):

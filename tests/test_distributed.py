@@ -48,11 +48,14 @@ def test_two_gloo_processes_store_the_task_vectors_of_one_process(tmp_path: Path
                          tmp_path)
     assert single.returncode == 0, single.stderr
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "clmerge", "finetune", *args, "finetune.distributed=on",
-                          f"paths.store={tmp_path / 'two'}", f"paths.output={tmp_path / 'o2'}"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "clmerge",
+               "finetune", *args, "finetune.distributed=on", f"paths.store={tmp_path / 'two'}",
+               f"paths.output={tmp_path / 'o2'}"]
+    ddp = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert ddp.returncode == 0, ddp.stderr
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr  # both ranks take rank 0's "complete" and skip, no barrier left
+    assert "every task is fine-tuned already" in again.stdout
     one, two = _task_vectors(tmp_path / "one"), _task_vectors(tmp_path / "two")
     assert len(one) == len(two) == 2
     for a, b in zip(one, two):

@@ -78,6 +78,22 @@ def test_alpha_auto_picks_lambda_on_validation_data_and_records_the_curve(finetu
     assert all(0.0 <= a <= 1.0 for a in curve["accuracy"])
 
 
+def test_a_stored_curve_is_reused_only_for_the_same_validation_images(copied: Config, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = with_merge(copied, method="average", alpha="auto", alpha_grid=[0.5, 1.0])
+    pipeline.merge(cfg, QUIET)
+    more = dataclasses.replace(cfg.benchmark, world=dataclasses.replace(cfg.benchmark.world, val_per_class=3))
+    recomputed = []
+    monkeypatch.setattr("clmerge.merging.job.alpha_curve",
+                        lambda *args: recomputed.append(1) or AlphaCurve([0.5, 1.0], [0.1, 0.2], 1.0, {"n": 3}))
+    pipeline.merge(cfg, QUIET)  # the same images: the stored curve
+    assert recomputed == []
+    pipeline.merge(dataclasses.replace(cfg, benchmark=more), QUIET, output_dir=tmp_path)  # other images, one key
+    assert recomputed == [1]
+    assert json.loads((tmp_path / "merge.json").read_text())["methods"]["average"]["alpha_auto"]["validation"] == {
+        "n": 3}
+
+
 def test_alpha_auto_without_a_validation_split_is_one_clear_line(finetuned: Config) -> None:
     world = dataclasses.replace(finetuned.benchmark.world, val_per_class=0)
     cfg = with_merge(dataclasses.replace(finetuned, benchmark=dataclasses.replace(finetuned.benchmark, world=world)),
@@ -179,6 +195,27 @@ def test_export_refuses_a_folder_and_a_file_of_the_store(copied: Config, tmp_pat
     with pytest.raises(UserError, match=fragment):
         pipeline.merge(with_merge(copied, export=str(target)), QUIET)
     assert checkpoint.read_bytes() == before and target.exists()
+
+
+def test_export_may_go_beside_the_stores_own_folders(tmp_path: Path) -> None:
+    from clmerge.merging.export import check_export_path
+
+    (tmp_path / "exports").mkdir()
+    check_export_path(tmp_path / "exports" / "m.safetensors", tmp_path)  # paths.store=a general folder: fine
+    (tmp_path / "merge").mkdir()
+    with pytest.raises(UserError, match="outside its finetune/, merge/ and heads/ folders"):
+        check_export_path(tmp_path / "merge" / "m.safetensors", tmp_path)
+
+
+def test_a_merge_stored_while_waiting_for_the_lock_is_reused(copied: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clmerge.merging import job
+
+    pipeline.merge(copied, QUIET)  # another job's merge, finished while this one waited for the lock
+    answers = iter([False])  # this job looked before it was stored
+    real = job.is_stored
+    monkeypatch.setattr(job, "is_stored", lambda target, names: next(answers, None) or real(target, names))
+    monkeypatch.setattr(job, "merge_steps", lambda *args, **kwargs: pytest.fail("merged again"))
+    assert pipeline.merge(copied, QUIET)
 
 
 def test_a_damaged_stored_merge_is_refused_naming_it_and_remade_once_deleted(copied: Config) -> None:

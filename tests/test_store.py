@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from clmerge.config import BenchmarkConfig, Config, PathsConfig
 from clmerge.errors import UserError
+from clmerge.hydra_app import compose_config
 from clmerge.store import CheckpointDir, finetune_dir, finetune_key, finetune_subset, merge_dir, task_file
 
 
@@ -72,12 +73,23 @@ def test_held_out_validation_images_change_the_key_only_when_used(tmp_path: Path
 def test_settings_that_only_evaluation_reads_leave_the_key_alone(tmp_path: Path) -> None:
     base = make_cfg(tmp_path)
     world = base.benchmark.world
-    for benchmark in (dataclasses.replace(base.benchmark, control=["world/fog"]),
-                      dataclasses.replace(base.benchmark, world=dataclasses.replace(world, val_per_class=10)),
+    for benchmark in (dataclasses.replace(base.benchmark, world=dataclasses.replace(world, val_per_class=10)),
                       dataclasses.replace(base.benchmark, world=dataclasses.replace(world, test_per_class=7))):
         assert finetune_key(dataclasses.replace(base, benchmark=benchmark)) == finetune_key(base)
     more = dataclasses.replace(base.benchmark, world=dataclasses.replace(world, train_per_class=world.train_per_class + 1))
     assert finetune_key(dataclasses.replace(base, benchmark=more)) != finetune_key(base)
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    ([], "world_cil-world-tiny-sequential-s0-b488b0add8"),
+    (["benchmark=domain_incremental/world"], "world_dil-world-tiny-sequential-s0-2e035a2264"),
+    (["benchmark=class_incremental/cifar100"], "cifar100_cil-world-tiny-sequential-s0-3711d84205"),
+    (["benchmark=class_incremental/cifar100", "benchmark.control=[dtd]"],
+     "cifar100_cil-world-tiny-sequential-s0-8724287b2b"),
+    (["finetune=pam"], "world_cil-world-tiny-pam-s0-769b980225"),
+])
+def test_keys_of_existing_stores_never_change(overrides: list[str], key: str) -> None:
+    assert finetune_key(compose_config(overrides)) == key  # as computed at bf4cc3d: these stores must stay found
 
 
 def test_a_second_writer_is_stopped_with_a_clear_error_when_it_may_not_wait(tmp_path: Path) -> None:

@@ -312,13 +312,9 @@ def _check_merges(command: str, cfg: Config) -> None:
         if cfg.merge.export:
             check_export_path(Path(cfg.merge.export), Path(cfg.paths.store))
     methods = [cfg.merge.method] if command == "merge" else evaluated_methods(cfg) if command in ("eval", "run") else []
-    if command in ("eval", "run"):
-        if cfg.merge.export:
-            raise UserError(f"merge.export is written by `clmerge merge --export PATH`, not by `clmerge {command}`; "
-                            "drop it here and export with clmerge merge")
-        if not methods and not cfg.eval.baselines:
-            raise UserError("nothing to evaluate: no merge method (eval.methods) and eval.baselines=false; name a "
-                            "method, e.g. --methods magmax, or set eval.baselines=true")
+    if command in ("eval", "run") and not methods and not cfg.eval.baselines:
+        raise UserError("nothing to evaluate: no merge method to run (eval.methods is empty, or the run is joint) "
+                        "and eval.baselines=false; set eval.baselines=true, or name a method, e.g. --methods magmax")
     if methods:
         check_merge_settings(cfg)
     if cfg.merge.method in methods and parse_alpha(cfg.merge.alpha) == "auto":

@@ -27,7 +27,7 @@ from clmerge.merging.job import (Deployment, check_mergeable, configured_alpha, 
 from clmerge.models.loading import LoadedModel, load_model
 from clmerge.models.tower import freeze_all_but_tower, snapshot
 from clmerge.store import BASE_FILE, finetune_dir, finished_finetune, stored_vectors, task_file
-from clmerge.training.distributed import RankStore, join, main_process
+from clmerge.training.distributed import RankStore, from_main, join, main_process
 from clmerge.training.finetune import check_recipe, task_recipe, train_task
 from clmerge.training.precision import resolve_device, with_precision
 from clmerge.training.regimes import RegimeContext, evaluated_methods, make_regime, make_tower
@@ -78,7 +78,7 @@ def finetune(cfg: Config, console: Console, output_dir: Optional[Path] = None) -
     store = RankStore(finetune_dir(cfg), shard)
     params = freeze_all_but_tower(loaded.model)
     base = snapshot(loaded.model)
-    if _complete(store, cfg, len(benchmark.tasks)):
+    if from_main(_complete(store, cfg, len(benchmark.tasks)), shard):  # every rank takes the same path
         _check_base(store, base)
         console.print(f"[dim]every task is fine-tuned already ({store.path}), skipped[/dim]")
         return store.path

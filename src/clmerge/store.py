@@ -79,15 +79,15 @@ def _unused_parts(cfg: Config) -> set[str]:
 def finetune_subset(cfg: Config) -> dict[str, Any]:
     """The part of the config that decides the fine-tuned weights; a regularizer, PAM and LoRA and their
     sub-configs, and benchmark.val_fraction, count only when used, so runs without them keep their keys.
-    Settings that only evaluation reads enter at fixed values (the world's validation and test images per
-    class at their defaults, no control sets), so that evaluating a run differently never needs a new
-    fine-tuning (real benchmarks keep their keys; world ones, whose control set was in the key, changed once)."""
+    The world's validation and test images per class, which only evaluation reads (the world renders each
+    split apart), enter at their defaults: more test images, or validation images for merge.alpha=auto,
+    reuse the fine-tuned run, and keys made with the defaults stay the same."""
     regularizer = cfg.finetune.regularizer
     used = {"regularizer", regularizer} if regularizer != "none" else set()
     dropped = _FINETUNE_KEY_IGNORED | _unused_parts(cfg) | ({"regularizer", *_REGULARIZER_CONFIGS} - used)
     finetune = {k: v for k, v in asdict(cfg.finetune).items() if k not in dropped}
     world = replace(cfg.benchmark.world, val_per_class=_WORLD.val_per_class, test_per_class=_WORLD.test_per_class)
-    benchmark = asdict(replace(cfg.benchmark, control=[], world=world))
+    benchmark = asdict(replace(cfg.benchmark, world=world))
     if not benchmark["val_fraction"]:  # held-out validation images change the training set only when used
         del benchmark["val_fraction"]
     return {"benchmark": benchmark, "model": asdict(cfg.model), "finetune": finetune, "seed": cfg.seed}

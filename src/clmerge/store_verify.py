@@ -115,10 +115,11 @@ def _file_problem(file: Path, sha256: str) -> str:
 def _verify_heads(folder: Path, verdict: Verdict) -> None:
     """Check every cached zero-shot head against the checksum stored in it (eval recomputes a damaged one)."""
     for file in sorted(folder.glob("*.safetensors")):
-        verdict.heads += 1
         try:
             read_head(file)
         except UncheckedHead as err:
             verdict.unrecorded.append(f"{file}: cached zero-shot head {err}; not checked, eval computes it again")
+            continue
         except DamagedHead as err:
             verdict.damaged.append(f"{file}: cached zero-shot head {err}; eval computes it again (or delete it)")
+        verdict.heads += 1

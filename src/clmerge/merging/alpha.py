@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,14 +33,22 @@ Tensors = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class AlphaCurve:
-    """Validation accuracy of each lambda of the grid, and the chosen lambda."""
+    """Validation accuracy of each lambda of the grid, the chosen lambda, and which validation images
+    (`validation_split`): a curve is reused only for the same grid and the same images."""
 
     grid: list[float]
     accuracy: list[float]
     alpha: float
+    validation: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def validation_split(cfg: Config) -> dict[str, float]:
+    """What decides a run's validation images besides its store key (the world's count per class is not in
+    the key: the world renders them apart from the training images)."""
+    return {"val_fraction": cfg.benchmark.val_fraction, "world_val_per_class": cfg.benchmark.world.val_per_class}
 
 
 def parse_alpha(value: Any) -> Optional[float | str]:
@@ -90,4 +98,4 @@ def alpha_curve(cfg: Config, loaded: LoadedModel, benchmark: Benchmark, base: Te
             correct = counts.aware if benchmark.own_heads else counts.agnostic  # multi-dataset: own heads
             accuracy.append(sum(correct) / max(sum(val.sizes()), 1))
     best = max(range(len(grid)), key=lambda i: (accuracy[i], -grid[i]))
-    return AlphaCurve(grid, accuracy, grid[best])
+    return AlphaCurve(grid, accuracy, grid[best], validation_split(cfg))

@@ -17,7 +17,7 @@ from rich.console import Console
 from clmerge.benchmarks import Benchmark
 from clmerge.config import Config, ModelConfig
 from clmerge.errors import UserError
-from clmerge.merging.alpha import AlphaCurve, alpha_curve, parse_alpha
+from clmerge.merging.alpha import AlphaCurve, alpha_curve, parse_alpha, validation_split
 from clmerge.merging.diagnostics import diagnostics
 from clmerge.merging.engine import merge_final, merge_steps
 from clmerge.merging.methods import MergeMethod, MergeParams, get_method, resolve_alpha
@@ -69,9 +69,6 @@ def merges_factors(cfg: Config) -> bool:
     if granularity not in ("auto", "product", "factors"):
         raise UserError(f"merge.granularity={granularity} is not valid; use auto, product or factors")
     if cfg.finetune.adapter != "lora":
-        if granularity == "factors":
-            raise UserError("merge.granularity=factors merges LoRA factors, but this run fine-tunes the full tower "
-                            "(finetune.adapter=none); drop the setting, or fine-tune with finetune.adapter=lora")
         return False
     return granularity == "factors" or (granularity == "auto" and cfg.finetune.regime == "pam")
 
@@ -117,12 +114,12 @@ def fold(cfg: Config, name: str, num_tasks: int, every_step: bool = True):
 
 
 def is_stored(target: CheckpointDir, names: list[str]) -> bool:
-    """Whether every file of `names` is stored in `target`, each hash-checked: a damaged one is a one-line
-    error naming it (delete it and rerun)."""
+    """Whether every file of `names` is stored in `target`; the final merge, the one merge.json points to, is
+    hash-checked (a damaged one is a one-line error naming it: delete it and rerun); step files are checked
+    by the evaluation that loads them."""
     if not all(target.has(name) for name in names):
         return False
-    for name in names:
-        target.verified_path(name)
+    target.verified_path(FINAL_FILE)
     return True
 
 
@@ -138,7 +135,9 @@ def merged_store(cfg: Config, name: str, num_tasks: int, console: Console) -> Ch
     with ExitStack() as stack:
         sources = task_sources(cfg, source, num_tasks, stack)  # checked before the target folder is made
         dense = densifier(cfg, source)
-        with target.lock():
+        with target.lock():  # re-reads the manifest: a job that held the lock may have merged it meanwhile
+            if is_stored(target, [FINAL_FILE, *steps]):
+                return target
             start = time.perf_counter()
             merged: Tensors = {}
             for t, merged in merge_steps(sources, method, params, every_step=bool(steps)):
@@ -180,7 +179,8 @@ def resolve(cfg: Config, name: str, deployment: Optional[Deployment]) -> tuple[f
         raise ValueError("merge.alpha=auto needs a Deployment")
     store = method_store(cfg, name)
     cached = store.manifest.get("alpha_auto")
-    if cached and cached["grid"] == [float(a) for a in cfg.merge.alpha_grid]:
+    if (cached and cached["grid"] == [float(a) for a in cfg.merge.alpha_grid]
+            and cached.get("validation") == validation_split(cfg)):
         return cached["alpha"], AlphaCurve(**cached)
     final = merge_final_of(cfg, name, store, len(deployment.benchmark.tasks))
     curve = alpha_curve(cfg, deployment.loaded, deployment.benchmark, deployment.base, final, deployment.device)
@@ -215,10 +215,9 @@ def record_auto(store: CheckpointDir, curve: Optional[AlphaCurve]) -> dict[str, 
 
 def export(deployment: Deployment, name: str, store: CheckpointDir, alpha: float, path: Path) -> Path:
     """Write theta_0 + alpha * m_T as a full open_clip checkpoint."""
-    from clmerge.merging.export import check_export_path, export_checkpoint
+    from clmerge.merging.export import export_checkpoint
 
     cfg = deployment.cfg
-    check_export_path(path, Path(cfg.paths.store))
     final = merge_final_of(cfg, name, store, len(deployment.benchmark.tasks))
     metadata = {"format": "pt", "clmerge_method": name, "alpha": alpha, "model": cfg.model.name,
                 "merge_key": store.manifest["key"]}

@@ -27,8 +27,9 @@ STAGE_PREFIX = ".clmerge-report-"  # the private folder a report is written into
 def make_report(paths: list[Path], console: Console, out: Optional[Path] = None, metric: str = "final_accuracy",
                 protocol: str = "agnostic", plots: bool = False) -> list[Path]:
     """Print the methods x benchmarks table of `metric`; with `out`, write report.{md,csv,json} (and PNG
-    plots with `plots`) there. The inputs and `out` are checked before anything is printed, and the files
-    are moved into `out` only once all of them are written. Returns the files written."""
+    plots with `plots`) there. The inputs and `out` are checked before anything is printed (a folder where a
+    report file goes is found after the table, before any file moves), and the files are moved into `out`
+    only once all of them are written. Returns the files written."""
     _check_options(metric, protocol, out, plots)
     with _staging(out) as stage:
         found = collect(paths)

@@ -118,6 +118,15 @@ def barrier(shard: Shard) -> None:
         dist.barrier()
 
 
+def from_main(value: bool, shard: Shard) -> bool:
+    """Rank 0's `value` on every rank (each rank may have read the store at another moment)."""
+    if shard.world == 1:
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return bool(shared[0])
+
+
 def all_reduce_gradients(params: list[torch.nn.Parameter], loss: torch.Tensor, shard: Shard) -> torch.Tensor:
     """Sum the gradients and the loss over ranks in one flat all-reduce; returns the summed loss."""
     if shard.world == 1:
