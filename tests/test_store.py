@@ -76,7 +76,8 @@ def test_settings_that_only_evaluation_reads_leave_the_key_alone(tmp_path: Path)
     for benchmark in (dataclasses.replace(base.benchmark, world=dataclasses.replace(world, val_per_class=10)),
                       dataclasses.replace(base.benchmark, world=dataclasses.replace(world, test_per_class=7))):
         assert finetune_key(dataclasses.replace(base, benchmark=benchmark)) == finetune_key(base)
-    more = dataclasses.replace(base.benchmark, world=dataclasses.replace(world, train_per_class=world.train_per_class + 1))
+    more = dataclasses.replace(base.benchmark,
+                               world=dataclasses.replace(world, train_per_class=world.train_per_class + 1))
     assert finetune_key(dataclasses.replace(base, benchmark=more)) != finetune_key(base)
 
 
