@@ -16,7 +16,6 @@ from rich.console import Console
 from clmerge.errors import UserError
 from clmerge.manifest import sealed_bytes
 from clmerge.reporting import make_report
-from clmerge.reporting.schema import RESULTS_SCHEMA_VERSION
 
 ZERO = [[3, 2], [3, 2]]  # theta_0: A[0] = [0.3, 0.2]
 
@@ -219,11 +218,6 @@ def test_a_results_json_without_the_fields_is_a_one_line_error(cli, tmp_path: Pa
     assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1
     assert result.stderr.startswith(f"error: {tmp_path / 'run' / 'results.json'} is not a clmerge results.json")
 
-
-def test_the_report_reads_the_schema_version_that_eval_writes() -> None:
-    from clmerge.report import RESULTS_SCHEMA_VERSION as WRITTEN
-
-    assert RESULTS_SCHEMA_VERSION == WRITTEN
 
 
 def test_a_shortened_matrix_is_an_error_before_anything_is_printed_or_written(cli, tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from clmerge.merging.job import (Deployment, check_mergeable, configured_alpha, 
                                  record_auto, resolve)
 from clmerge.models.loading import LoadedModel, load_model
 from clmerge.models.tower import freeze_all_but_tower, snapshot
-from clmerge.store import BASE_FILE, finetune_dir, finished_finetune, stored_vectors, task_file
+from clmerge.store import BASE_FILE, finetune_dir, finished_finetune, holds_every_vector, task_file
 from clmerge.training.distributed import RankStore, from_main, join, main_process
 from clmerge.training.finetune import check_recipe, task_recipe, train_task
 from clmerge.training.precision import resolve_device, with_precision
@@ -58,8 +58,7 @@ def _complete(store: RankStore, cfg: Config, num_tasks: int) -> bool:
 
     Manifests are replaced atomically and a complete run never changes, so this needs no lock (as eval
     reads a run without one), and a read-only store serves."""
-    vectors = [task_file(i) for i in range(stored_vectors(cfg, num_tasks))]
-    return store.manifest.get("status") == "complete" and all(store.has(f) for f in [BASE_FILE, *vectors])
+    return store.manifest.get("status") == "complete" and holds_every_vector(store.store, cfg, num_tasks)
 
 
 def finetune(cfg: Config, console: Console, output_dir: Optional[Path] = None) -> Path:

@@ -19,10 +19,10 @@ from clmerge.benchmarks import Benchmark
 from clmerge.config import Config, FinetuneConfig
 from clmerge.evaluation.evaluate import Evaluation
 from clmerge.evaluation.metrics import accuracy_matrix, summary, zero_shot_retention
+from clmerge.reporting.schema import RESULTS_SCHEMA_VERSION
 from clmerge.store import CheckpointDir, atomic_write_bytes, stored_vectors, task_file
 from clmerge.training.finetune import steps_per_task
 
-RESULTS_SCHEMA_VERSION = 1
 
 
 def training_progress(console: Console) -> Progress:

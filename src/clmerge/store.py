@@ -395,9 +395,14 @@ def stored_vectors(cfg: Config, num_tasks: int) -> int:
     return 1 if cfg.finetune.regime == "joint" else num_tasks
 
 
+def holds_every_vector(store: CheckpointDir, cfg: Config, num_tasks: int) -> bool:
+    """Whether a fine-tuning run's store holds theta_0 and every task vector of `cfg`."""
+    return all(store.has(name) for name in [BASE_FILE, *map(task_file, range(stored_vectors(cfg, num_tasks)))])
+
+
 def finished_finetune(cfg: Config, num_tasks: int) -> CheckpointDir:
     """The fine-tuning run of `cfg`, which must hold theta_0 and every task vector; otherwise NotFinetuned."""
     store = finetune_dir(cfg)
-    if not store.has(BASE_FILE) or not all(store.has(task_file(i)) for i in range(stored_vectors(cfg, num_tasks))):
+    if not holds_every_vector(store, cfg, num_tasks):
         raise NotFinetuned(str(store.path))
     return store

@@ -13,8 +13,7 @@ import json
 import math
 from typing import Any, Optional
 
-# clmerge.report.RESULTS_SCHEMA_VERSION; importing it from there would load the training code.
-RESULTS_SCHEMA_VERSION = 1
+RESULTS_SCHEMA_VERSION = 1  # written by clmerge.report (here, so the report reads it without torch)
 COUNTS = ("correct", "correct_task_aware")  # the count matrices of a method (task-agnostic, task-aware)
 _KINDS = {dict: "an object", list: "a list", str: "a string"}
 
